@@ -1,0 +1,1 @@
+"""Verification accuracy (the standard 10-fold protocol), TAR@FAR, ROC and reports, from embeddings."""

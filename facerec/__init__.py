@@ -1,0 +1,1 @@
+"""Training engine, configuration and command-line interface."""

@@ -1,0 +1,45 @@
+"""``run.py`` sub-command dispatcher: each command lives in ``facerec.commands.<module>``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# command name -> module in facerec.commands (imported lazily so `--help` of one command stays fast)
+COMMANDS = {
+    "train": "train",
+    "verify": "verify",
+    "export": "export",
+    "sn-report": "sn_report",
+    "pack": "pack",
+    "make-bin": "make_bin",
+    "synth": "synth",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description="Face recognition training and evaluation.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module_name in COMMANDS.items():
+        module = importlib.import_module(f"facerec.commands.{module_name}")
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        cmd.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse ``argv`` and run the chosen command; errors the user can fix are printed without a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (FileNotFoundError, ValueError, KeyError, FileExistsError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
