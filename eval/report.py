@@ -1,0 +1,104 @@
+"""Verification reports: a text table, JSON, a ROC curve PNG and per-pair scores CSV (the I/O edge)."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+COLUMNS = ("dataset", "pairs", "accuracy", "threshold", "TAR@FAR=1e-3", "TAR@FAR=1e-4", "AUC", "EER", "XNorm")
+
+
+def _percent(value: float) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _row(name: str, m: dict) -> list[str]:
+    tar = m.get("tar_at_far", {})
+    xnorm = m.get("xnorm")
+    return [
+        name,
+        str(m["pairs"]),
+        f"{100 * m['accuracy']:.2f} ± {100 * m['accuracy_std']:.2f}",
+        f"{m['threshold']:.3f}",
+        _percent(tar.get(1e-3)),
+        _percent(tar.get(1e-4)),
+        f"{m['auc']:.4f}",
+        _percent(m["eer"]),
+        "-" if xnorm is None else f"{xnorm:.3f}",
+    ]
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """Aligned text table, one row per dataset: accuracy ± std, TAR, EER in percent, AUC, mean threshold."""
+    rows = [list(COLUMNS)] + [_row(name, metrics) for name, metrics in results.items()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    align = lambda i, cell: cell.ljust(widths[i]) if i == 0 else cell.rjust(widths[i])
+    lines = ["  ".join(align(i, cell) for i, cell in enumerate(r)) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def _plain(value):
+    """JSON-ready copy: numpy scalars/arrays to Python, dict keys to strings (1e-3 -> "0.001")."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # NaN/inf are not JSON
+    return value
+
+
+def write_json(path, data: dict) -> None:
+    """Write ``data`` (nested dicts of metrics, numpy values allowed) as indented JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_plain(data), indent=2) + "\n")
+
+
+def write_roc_png(path, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """ROC curves ``{label: (fpr, tpr)}`` on a log false-accept axis, saved as PNG (matplotlib Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for label, (fpr, tpr) in curves.items():
+        fpr = np.asarray(fpr)
+        keep = fpr > 0  # log axis
+        ax.plot(fpr[keep], np.asarray(tpr)[keep], label=label)
+    ax.set_xscale("log")
+    ax.set_xlim(1e-4, 1.0)
+    ax.set_ylim(0.0, 1.01)
+    ax.set_xlabel("false accept rate")
+    ax.set_ylabel("true accept rate")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_pair_scores_csv(path, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    """Per-pair CSV ``dataset,pair,issame,distance,cosine`` from ``{dataset: (distances, issame)}``.
+
+    ``cosine`` = 1 - distance / 2 (the cosine similarity of the L2-normalised embeddings).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["dataset", "pair", "issame", "distance", "cosine"])
+        for name, (distances, issame) in rows.items():
+            for i, (d, s) in enumerate(zip(np.asarray(distances), np.asarray(issame, dtype=bool))):
+                writer.writerow([name, i, int(s), f"{d:.6f}", f"{1 - d / 2:.6f}"])
