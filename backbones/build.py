@@ -1,0 +1,67 @@
+"""Backbone registry: one entry per name, ``build_backbone`` to construct it with any norm layer."""
+import functools
+
+from torch import nn
+
+from .iresnet import IResNet
+from .norms import make_norm
+from .resnet import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck, ResNet
+
+_RESNET_DEPTHS = {
+    18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3), 152: (3, 8, 36, 3)
+}
+_IRESNET_DEPTHS = {
+    18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 200: (6, 26, 60, 6)
+}
+
+
+def _resnet(block_basic, block_bottleneck, depth):
+    block = block_basic if depth < 50 else block_bottleneck
+    return functools.partial(ResNet, block=block), _RESNET_DEPTHS[depth]
+
+
+# name -> (builder(layers, norm_layer=..., embedding_size=..., ...), stage depths)
+_REGISTRY = {
+    **{f"iresnet{d}": (IResNet, layers) for d, layers in _IRESNET_DEPTHS.items()},
+    **{f"resnet{d}": _resnet(BasicBlock, Bottleneck, d) for d in _RESNET_DEPTHS},
+    **{f"preresnet{d}": _resnet(PreActBasicBlock, PreActBottleneck, d) for d in _RESNET_DEPTHS},
+}
+
+BACKBONES = tuple(_REGISTRY)
+
+
+def build_backbone(
+    name: str,
+    norm: str = "sn",
+    embedding_size: int = 512,
+    input_size: int = 112,
+    width: int = 64,
+    dropout: float = 0.0,
+    **norm_kwargs,
+) -> nn.Module:
+    """Build backbone ``name`` mapping (N, 3, input_size, input_size) to (N, embedding_size).
+
+    Every 2-D norm is ``make_norm(norm, num_features, **norm_kwargs)``; the embedding head keeps a
+    BatchNorm1d with its scale fixed at 1.  ``last_gamma=True`` is not passed to the norms: it makes
+    the model zero-initialise the scale of each residual block's last norm (any norm with a weight).
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
+    for key, value in (("embedding_size", embedding_size), ("input_size", input_size), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if input_size % 16:
+        raise ValueError(f"input_size must be a multiple of 16, got {input_size}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    last_gamma = bool(norm_kwargs.pop("last_gamma", False))
+    builder, layers = _REGISTRY[name]
+    return builder(
+        layers,
+        norm_layer=functools.partial(make_norm, norm, **norm_kwargs),
+        embedding_size=embedding_size,
+        input_size=input_size,
+        width=width,
+        dropout=dropout,
+        last_gamma=last_gamma,
+    )
