@@ -1,0 +1,45 @@
+"""The training DataLoader: seeded shuffling, distributed sharding, per-worker file handles and seeds."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+
+def seed_worker(worker_id):
+    """Seed numpy's and Python's global generators from the worker's torch seed (set by the DataLoader)."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def build_loader(dataset, batch_size, num_workers=2, shuffle=True, drop_last=True, seed=0):
+    """DataLoader over ``dataset`` reproducible from ``seed``.
+
+    Under an initialised torch.distributed group each process reads its own shard through a
+    DistributedSampler (call ``loader.sampler.set_epoch(epoch)`` every epoch); otherwise a RandomSampler
+    driven by a generator seeded with ``seed``. Workers open their own file handles (datasets open files
+    lazily) and are seeded from the loader's generator; memory is pinned when CUDA is available."""
+    generator = torch.Generator().manual_seed(seed)
+    if dist.is_available() and dist.is_initialized():
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    elif shuffle:
+        sampler = RandomSampler(dataset, generator=generator)
+    else:
+        sampler = SequentialSampler(dataset)
+    workers = num_workers > 0
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=4 if workers else None,
+        persistent_workers=workers,
+        worker_init_fn=seed_worker if workers else None,
+        generator=generator,
+    )
