@@ -1,0 +1,201 @@
+"""Pack an image folder ``<input>/<identity>/<image>`` into insightface RecordIO (train.rec/.idx, property).
+
+Also holds the per-image work shared with :mod:`data.verification_sets`: read a file, crop or align the
+face, encode it (:class:`FaceJob`, :func:`encode_face`), and an order-preserving parallel map.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .align import align_face, crop_face, read_landmarks_csv
+from .errors import DataError
+from .images import decode_image, encode_image
+from .recordio import IRHeader, MXIndexedRecordIO, pack
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+OUTPUT_NAMES = ("train.rec", "train.idx", "property")
+
+
+@dataclass(frozen=True)
+class FaceJob:
+    """One image to turn into a ``size`` x ``size`` face crop.
+
+    ``landmarks`` (N, 2) pixel points aligned onto ``reference`` (N, 2, 112x112 coordinates; default the
+    ArcFace template) by :func:`data.align.align_face`; without landmarks the image is cropped to ``box`` =
+    (x0, y0, x1, y1) given as fractions of width/height (default: the centred square) and resized.
+    """
+
+    path: Path
+    size: int = 112
+    quality: int = 95
+    landmarks: np.ndarray | None = None
+    reference: np.ndarray | None = None
+    box: tuple[float, float, float, float] | None = None
+
+
+def encode_face(job: FaceJob) -> bytes:
+    """Read ``job.path``, crop or align the face and return it JPEG-encoded (BGR order, as insightface)."""
+    try:
+        buf = Path(job.path).read_bytes()
+    except OSError as exc:
+        raise FileNotFoundError(f"cannot read image {job.path}: {exc.strerror or exc}") from None
+    image = decode_image(buf, source=str(job.path))
+    if job.landmarks is not None:
+        face = align_face(image, job.landmarks, job.size, reference=job.reference)
+    else:
+        box = None
+        if job.box is not None:
+            height, width = image.shape[:2]
+            box = (job.box[0] * width, job.box[1] * height, job.box[2] * width, job.box[3] * height)
+        face = crop_face(image, job.size, box)
+    return encode_image(face, quality=job.quality)
+
+
+def _encode_or_report(job: FaceJob) -> bytes | str:
+    """:func:`encode_face`, returning the error message instead of raising for an undecodable image."""
+    try:
+        return encode_face(job)
+    except DataError as exc:
+        return str(exc)
+
+
+def default_workers() -> int:
+    """Worker processes used when none are given: the CPU count, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def map_ordered(func: Callable, items: Sequence, workers: int | None = None, desc: str = "") -> Iterable:
+    """``map(func, items)`` in order over ``workers`` processes (``<= 1``: in-process), with a progress bar.
+
+    ``func`` must be a module-level function (it is pickled to the workers).
+    """
+    workers = default_workers() if workers is None else workers
+    bar = dict(total=len(items), desc=desc, unit="img", dynamic_ncols=True, mininterval=1.0)
+    if workers <= 1 or len(items) < 2:
+        yield from tqdm(map(func, items), **bar)
+        return
+    chunksize = max(1, min(64, len(items) // (workers * 8)))
+    with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+        yield from tqdm(pool.imap(func, items, chunksize=chunksize), **bar)
+
+
+def refuse_overwrite(paths: Iterable[Path], force: bool) -> None:
+    """Raise ``FileExistsError`` naming the first existing path unless ``force``."""
+    if force:
+        return
+    for path in paths:
+        if Path(path).exists():
+            raise FileExistsError(f"{path} already exists (pass --force / force=True to overwrite)")
+
+
+def scan_identities(input_dir: Path) -> list[tuple[str, list[Path]]]:
+    """``[(identity, sorted image paths)]`` for ``<input_dir>/<identity>/<image>``, identities sorted by name.
+
+    Identities without images are skipped; an input with no images at all is an error.
+    """
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"input folder not found: {input_dir}")
+    identities = []
+    for folder in sorted(p for p in input_dir.iterdir() if p.is_dir()):
+        images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if images:
+            identities.append((folder.name, images))
+    if not identities:
+        raise ValueError(f"{input_dir}: no images found (expected <identity>/<image>.jpg files)")
+    return identities
+
+
+def pack_folder(input_dir, output_dir, landmarks=None, size: int = 112, quality: int = 95,
+                workers: int | None = None, force: bool = False, skip_bad: bool = False) -> dict:
+    """Pack ``<input_dir>/<identity>/<image>`` into ``output_dir/{train.rec, train.idx, property}``.
+
+    insightface layout: record 0 is a header (flag 2, labels ``[A, B]``); records ``1..A-1`` are the images,
+    identities in sorted folder order (images sorted by file name), label = class index; records ``A..B-1``
+    are one per identity (flag 2, labels ``[first, end)`` image keys, no image); ``property`` is
+    ``num_classes,size,size``.
+
+    ``landmarks``: CSV of ``image,x1,y1,...,x5,y5`` (image path relative to ``input_dir``, header optional);
+    faces are then aligned to the ArcFace template. Without it the images are taken as already aligned: the
+    centred square (non-square images lose their longer sides' margins) is resized to ``size``.
+    Images are decoded, aligned and JPEG-encoded (``quality``) in ``workers`` processes, in order.
+    An undecodable image is an error naming it, or with ``skip_bad`` it is left out and reported.
+    Outputs are written under temporary names and renamed at the end; existing outputs are an error unless
+    ``force``. Returns ``{"images", "classes", "skipped": [messages], "output": dir}``.
+    """
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if size < 1 or not 1 <= quality <= 100:
+        raise ValueError(f"size must be positive and quality in 1..100, got size={size}, quality={quality}")
+    outputs = [output_dir / name for name in OUTPUT_NAMES]
+    refuse_overwrite(outputs, force)
+    identities = scan_identities(input_dir)
+    points = read_landmarks_csv(landmarks) if landmarks is not None else None
+
+    jobs, labels = [], []
+    for label, (_, images) in enumerate(identities):
+        for image in images:
+            key = image.relative_to(input_dir).as_posix()
+            if points is not None and key not in points:
+                raise ValueError(f"{landmarks}: no landmarks for image {key!r}")
+            jobs.append(FaceJob(image, size, quality, None if points is None else points[key]))
+            labels.append(label)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    temporary = [output_dir / f".{name}.tmp{os.getpid()}" for name in OUTPUT_NAMES]
+    skipped, ranges = [], {}
+    try:
+        writer = MXIndexedRecordIO(str(temporary[1]), str(temporary[0]), "w")
+        try:
+            # record 0 goes first; its labels [A, B] are known only at the end (images may be skipped), so a
+            # placeholder of the same byte length is written now and overwritten in place afterwards.
+            writer.write_idx(0, _header_record(0, 0))
+            key = 1
+            for label, result in zip(labels, map_ordered(_encode_or_report, jobs, workers, "pack")):
+                if isinstance(result, str):
+                    if not skip_bad:
+                        raise DataError(f"{result} (use --skip-bad to leave undecodable images out)")
+                    skipped.append(result)
+                    continue
+                writer.write_idx(key, pack(IRHeader(0, float(label), key, 0), result))
+                ranges[label] = (ranges.get(label, (key,))[0], key + 1)
+                key += 1
+            if len(ranges) != len(identities):
+                empty = [name for label, (name, _) in enumerate(identities) if label not in ranges]
+                raise DataError(f"{input_dir}: identities left without a decodable image: {empty}")
+            first_identity = key
+            for label in range(len(identities)):
+                writer.write_idx(key, _header_record(*ranges[label]))
+                key += 1
+        finally:
+            writer.close()
+        _patch_first_record(temporary[0], _header_record(0, 0), _header_record(first_identity, key))
+        temporary[2].write_text(f"{len(identities)},{size},{size}\n")
+        for tmp, final in zip(temporary, outputs):
+            os.replace(tmp, final)
+    finally:
+        for tmp in temporary:
+            tmp.unlink(missing_ok=True)
+    return {"images": first_identity - 1, "classes": len(identities), "skipped": skipped,
+            "output": output_dir}
+
+
+def _header_record(start: int, end: int) -> bytes:
+    """Payload of a label-range record (flag 2, labels ``[start, end)``, no image): always 32 bytes."""
+    return pack(IRHeader(2, [float(start), float(end)], 0, 0), b"")
+
+
+def _patch_first_record(rec_path: Path, placeholder: bytes, payload: bytes) -> None:
+    """Overwrite the payload of the file's first record (same length) after checking it is ``placeholder``."""
+    offset = 8  # after the record's magic word and length word
+    with open(rec_path, "r+b") as f:
+        f.seek(offset)
+        if f.read(len(placeholder)) != placeholder or len(payload) != len(placeholder):
+            raise RuntimeError(f"{rec_path}: first record is not the expected header placeholder")
+        f.seek(offset)
+        f.write(payload)
