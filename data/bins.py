@@ -3,7 +3,8 @@
 ``bins`` holds ``2 * P`` encoded images (pair ``i`` is ``bins[2i], bins[2i + 1]``) and ``issame_list`` ``P``
 booleans. Published files are Python-2 pickles; a pickle can name any Python callable, so :func:`load_bin`
 uses an unpickler that resolves only the few globals such files need (numpy bool arrays and scalars, and
-``_codecs.encode`` limited to latin-1, which Python 3 uses for bytes in protocols 0-2) and refuses all else.
+``_codecs.encode`` / ``bytearray`` limited to latin-1 text or bytes, which Python 3 uses for bytes in
+protocols 0-2) and refuses all else.
 """
 from __future__ import annotations
 
@@ -31,7 +32,18 @@ def _latin1_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
+def _bytearray(data=b"", encoding=None):
+    """``bytearray`` as pickled (from bytes, or latin-1 text in protocols 0-2), never from a size."""
+    if isinstance(data, str) and encoding is not None:
+        return bytearray(_latin1_encode(data, encoding))
+    if isinstance(data, bytes) and encoding is None:
+        return bytearray(data)
+    raise pickle.UnpicklingError(f"refused bytearray({type(data).__name__}, {encoding!r})")
+
+
 _ALLOWED_GLOBALS = {
+    ("builtins", "bytearray"): _bytearray,
+    ("__builtin__", "bytearray"): _bytearray,
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
