@@ -1,0 +1,357 @@
+"""Switchable Normalization (Luo et al., ICLR 2019): SwitchNorm2d, SwitchNorm1d, SyncSwitchNorm2d.
+
+SN normalises with a learned softmax mixture of instance (IN), layer (LN) and batch (BN) statistics,
+with separate mixture weights for the mean and the variance, exactly as the published formulas:
+``var_in`` is the *unbiased* per-(n, c) variance over H*W; ``var_ln = mean_C(var_in + mu_in^2) - mu_ln^2``;
+``var_bn = mean_N(var_in + mu_in^2) - mu_bn^2``; logits order [IN, LN, BN].
+
+Conventions (all documented differences from the published code):
+
+- ``momentum`` follows PyTorch: ``running = (1 - momentum) * running + momentum * batch``. The published
+  code uses the opposite, ``running = m * running + (1 - m) * batch``; its m = 0.9 (0.997 in the 2018
+  ImageNet models) is our ``momentum = 1 - m`` = 0.1 (0.003).
+- The running variance accumulates SN's own BN term ``var_bn`` (built from the unbiased IN variances as
+  in the formulas, like the published code), not the N*L/(N*L - 1)-corrected variance of ``nn.BatchNorm2d``.
+- Running buffers start at ``running_mean = 0`` and ``running_var = 1`` (the PyTorch habit) rather than
+  the published 0 and 0: a model evaluated before its first training step then sees a unit-variance BN
+  term instead of one that divides by sqrt(eps) (a 316x blow-up). Trained values do not depend on it
+  after a few steps; ``convert_published_sn`` loads published buffers whatever they hold.
+- ``using_moving_average=False`` keeps the cumulative average of the batch statistics seen so far,
+  ``running += (batch - running) / num_batches_tracked``, usable directly in eval (the published code
+  keeps raw sums and needs a separate normalising pass).
+- With H*W = 1 the unbiased IN variance is 0/0 (NaN in the published code); here it is defined as 0
+  (a single value has no spread). Likewise SwitchNorm1d's unbiased LN/BN variances are 0 over 1 element.
+- Statistics are computed in float32 (float64 stays float64) with autocast disabled; the output has
+  the input's dtype.
+
+Speed: SwitchNorm2d runs as one custom autograd function. Forward: per-(n, c) moments in one pass,
+the IN/LN/BN mixture on tiny (N, C) tensors, then one fused ``y = x * a + b`` with per-(n, c) ``a, b``.
+Backward: one fused pass gives ``g * a`` with the per-(n, c) sums of ``g`` and ``g * (x - mean)``;
+autograd on the tiny (N, C) statistic graph turns these into the parameter gradients and the
+per-(n, c) coefficients of ``dx = g * a + x * c2 + c1`` (two in-place passes). Only ``x`` is saved.
+"""
+
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+# Logit given to the non-chosen terms by hard_select: exp(-1e4) is exactly 0 in float32 and float64,
+# so the softmax is an exact one-hot, and the value stays finite under weight decay.
+_HARD_OFF = -1.0e4
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _unbiased_var(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Unbiased variance along ``dim`` (keepdim), defined as 0 when there is a single element."""
+    if x.shape[dim] == 1:
+        return torch.zeros_like(x.narrow(dim, 0, 1))
+    return x.var(dim, keepdim=True, correction=1)
+
+
+def _instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(n, c) mean and biased variance of a (N, C, H, W) tensor, shapes (N, C)."""
+    n, c = x.shape[:2]
+    if x.is_contiguous():
+        xv = x.view(1, n * c, -1)
+        mean = xv.mean(2).view(-1)
+        # sum(x * (x - mean)) per (n, c) in one pass (the reduction part of BN's backward kernel).
+        _, sxc, _ = torch.ops.aten.native_batch_norm_backward(
+            xv, xv, None, None, None, mean, torch.ones_like(mean), True, 0.0, [False, True, False]
+        )
+        return mean.view(n, c), (sxc / xv.shape[2]).clamp_min_(0).view(n, c)
+    var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
+    return mean, var
+
+
+class _SwitchNorm2dFunction(torch.autograd.Function):
+    """y = x * a + b with per-(n, c) ``a, b = scale_shift(mean, var, *params)`` built from x's moments."""
+
+    @staticmethod
+    def forward(ctx, x, scale_shift, *params):
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(_compute_dtype(x.dtype))
+            n, c = x.shape[:2]
+            mean, var = _instance_moments(xc)
+            needs_grad = any(ctx.needs_input_grad)
+            with torch.enable_grad() if needs_grad else nullcontext():
+                leaves = [mean.requires_grad_(needs_grad), var.requires_grad_(needs_grad)]
+                leaves += [p.detach().to(xc.dtype).requires_grad_(p.requires_grad) for p in params]
+                a, b = scale_shift(*leaves, spatial=x[0, 0].numel())
+            if xc.is_contiguous():
+                xv = xc.view(1, n * c, -1)
+                y = torch.native_batch_norm(
+                    xv, a.detach().view(-1), b.detach().view(-1), torch.zeros_like(mean).view(-1),
+                    torch.ones_like(mean).view(-1), False, 0.0, 0.0,
+                )[0].view_as(x)
+            else:
+                y = torch.addcmul(b.detach()[..., None, None], xc, a.detach()[..., None, None])
+        if needs_grad:
+            ctx.save_for_backward(x)
+            ctx.graph = (a, b, leaves)
+            ctx.param_dtypes = [p.dtype for p in params]
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        a, b, leaves = ctx.graph
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(a.dtype)
+            g = grad.to(a.dtype)
+            mean = leaves[0]
+            n, c = x.shape[:2]
+            spatial = x[0, 0].numel()
+            fused = xc.is_contiguous()
+            if fused:
+                g = g.contiguous()
+                xv, gv = xc.view(1, n * c, -1), g.view(1, n * c, -1)
+                # Eval-mode BN backward with running_var=1, eps=0: grad_input = g * a,
+                # grad_weight = sum(g * (x - mean)), grad_bias = sum(g), in one fused pass.
+                dx, sgxc, sg = torch.ops.aten.native_batch_norm_backward(
+                    gv, xv, a.detach().view(-1), mean.detach().view(-1), torch.ones_like(mean).view(-1),
+                    None, None, False, 0.0, [ctx.needs_input_grad[0], True, True],
+                )
+                sgxc, sg = sgxc.view(n, c), sg.view(n, c)
+            else:
+                centred = xc - mean.detach()[..., None, None]
+                sgxc, sg = (g * centred).sum((2, 3)), g.sum((2, 3))
+            grad_a = sgxc + mean.detach() * sg  # d loss / d a = sum(g * x)
+            wanted = [leaf for leaf in leaves if leaf.requires_grad]
+            found = torch.autograd.grad((a, b), wanted, (grad_a, sg), retain_graph=True, allow_unused=True)
+            grads = dict(zip(map(id, wanted), found))
+            leaf_grads = [grads.get(id(leaf)) for leaf in leaves]
+            dx_out = None
+            if ctx.needs_input_grad[0]:
+                d_mean, d_var = (torch.zeros_like(mean) if t is None else t for t in leaf_grads[:2])
+                c2 = d_var * (2.0 / spatial)  # d var / d x = 2 (x - mean) / L
+                c1 = d_mean / spatial - c2 * mean.detach()
+                if fused:
+                    dx = dx.view_as(xc).addcmul_(xc, c2[..., None, None]).add_(c1[..., None, None])
+                else:
+                    dx = torch.addcmul(c1[..., None, None], xc, c2[..., None, None])
+                    dx.addcmul_(g, a.detach()[..., None, None])
+                dx_out = dx.to(x.dtype)
+        param_grads = [None if t is None else t.to(dt) for t, dt in zip(leaf_grads[2:], ctx.param_dtypes)]
+        return (dx_out, None, *param_grads)
+
+
+class _SwitchNormBase(nn.Module):
+    """Parameters, running statistics and mixture weights shared by the SN layers."""
+
+    def __init__(self, num_features, terms, eps, momentum, using_moving_average, last_gamma=False):
+        super().__init__()
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(
+                f"momentum must be in [0, 1] (PyTorch convention: weight of the new batch), got {momentum!r}"
+            )
+        self.num_features = num_features
+        self.terms = tuple(terms)
+        self.eps = float(eps)
+        self.momentum = float(momentum)
+        self.using_bn = "BN" in self.terms
+        self.using_moving_average = using_moving_average
+        self.last_gamma = last_gamma
+        self.weight = nn.Parameter(torch.empty(num_features))
+        self.bias = nn.Parameter(torch.empty(num_features))
+        self.mean_weight = nn.Parameter(torch.empty(len(self.terms)))
+        self.var_weight = nn.Parameter(torch.empty(len(self.terms)))
+        if self.using_bn:
+            self.register_buffer("running_mean", torch.zeros(num_features))
+            self.register_buffer("running_var", torch.ones(num_features))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.using_bn:
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        nn.init.constant_(self.weight, 0.0 if self.last_gamma else 1.0)
+        nn.init.zeros_(self.bias)
+        nn.init.ones_(self.mean_weight)
+        nn.init.ones_(self.var_weight)
+
+    def mixture_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax weights (mean, var) over ``self.terms``."""
+        return self.mean_weight.float().softmax(0), self.var_weight.float().softmax(0)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean_bn: torch.Tensor, var_bn: torch.Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        rate = self.momentum if self.using_moving_average else 1.0 / self.num_batches_tracked.item()
+        self.running_mean.lerp_(mean_bn.detach().reshape(-1).to(self.running_mean.dtype), rate)
+        self.running_var.lerp_(var_bn.detach().reshape(-1).to(self.running_var.dtype), rate)
+
+    def _bn_term(self, mean_bn_fn):
+        """(mean_bn, var_bn): this batch's (running stats updated) in training, the running ones in eval."""
+        if self.training:
+            mean_bn, var_bn = mean_bn_fn()
+            self._update_running_stats(mean_bn, var_bn)
+            return mean_bn, var_bn
+        return self.running_mean, self.running_var
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        # convert_published_sn(..., momentum=m) records the converted momentum in the state dict metadata.
+        if "sn_momentum" in local_metadata:
+            self.momentum = float(local_metadata["sn_momentum"])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, terms={self.terms}, "
+            f"using_moving_average={self.using_moving_average}, last_gamma={self.last_gamma}"
+        )
+
+
+class SwitchNorm2d(_SwitchNormBase):
+    """Switchable Normalization over (N, C, H, W): softmax mixture of [IN, LN, BN] statistics.
+
+    Args: ``num_features`` C; ``eps`` added to the mixed variance; ``momentum`` PyTorch convention
+    (published m -> ours 1 - m); ``using_bn=False`` gives the [IN, LN] mixture without running
+    buffers (same function in train and eval; for one sample per device); ``using_moving_average=False``
+    keeps a cumulative average of the batch statistics instead; ``last_gamma=True`` initialises the
+    scale to 0. Eval mode: the BN term uses the running statistics, IN and LN still come from the sample.
+    See the module docstring for the conventions (running buffer init, L = 1, dtypes).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, using_bn=True, using_moving_average=True,
+                 last_gamma=False):
+        terms = ("IN", "LN", "BN") if using_bn else ("IN", "LN")
+        super().__init__(num_features, terms, eps, momentum, using_moving_average, last_gamma)
+
+    def _batch_stats(self, mean_in, var_in):
+        """Per-channel BN statistics (1, C) of this batch from the (N, C) IN statistics."""
+        mean_bn = mean_in.mean(0, keepdim=True)
+        var_bn = var_in.mean(0, keepdim=True) + (mean_in - mean_bn).square().mean(0, keepdim=True)
+        return mean_bn, var_bn
+
+    def _scale_shift(self, mean_in, var_biased, weight, bias, mean_weight, var_weight, *, spatial):
+        """Per-(n, c) scale ``a`` and shift ``b`` of the output ``x * a + b`` (tiny (N, C) tensors)."""
+        var_in = var_biased * (spatial / (spatial - 1)) if spatial > 1 else torch.zeros_like(var_biased)
+        mean_ln = mean_in.mean(1, keepdim=True)
+        # mean_C(var_in + mean_in^2) - mean_ln^2, written without cancellation.
+        var_ln = var_in.mean(1, keepdim=True) + (mean_in - mean_ln).square().mean(1, keepdim=True)
+        means, variances = [mean_in, mean_ln], [var_in, var_ln]
+        if self.using_bn:
+            mean_bn, var_bn = self._bn_term(lambda: self._batch_stats(mean_in, var_in))
+            means.append(mean_bn.to(mean_in.dtype))
+            variances.append(var_bn.to(mean_in.dtype))
+        mean_w, var_w = mean_weight.softmax(0), var_weight.softmax(0)
+        mean = sum(w * t for w, t in zip(mean_w, means))
+        var = sum(w * t for w, t in zip(var_w, variances))
+        scale = weight * torch.rsqrt(var + self.eps)
+        return scale, bias - mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}: expected input (N, {self.num_features}, H, W), got {tuple(x.shape)}"
+            )
+        return _SwitchNorm2dFunction.apply(
+            x, self._scale_shift, self.weight, self.bias, self.mean_weight, self.var_weight
+        )
+
+
+class SyncSwitchNorm2d(SwitchNorm2d):
+    """SwitchNorm2d whose BN term uses the batch statistics of all processes of ``process_group``.
+
+    The per-channel mean of ``mu`` and of ``var + mu^2`` is averaged across processes with a
+    differentiable all-reduce (its backward is itself an all-reduce), assuming the same batch size on
+    every process. Without an initialised process group, or with one process, it is SwitchNorm2d.
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, using_bn=True, using_moving_average=True,
+                 last_gamma=False, process_group=None):
+        super().__init__(num_features, eps, momentum, using_bn, using_moving_average, last_gamma)
+        self.process_group = process_group
+
+    def _batch_stats(self, mean_in, var_in):
+        if not (dist.is_available() and dist.is_initialized()):
+            return super()._batch_stats(mean_in, var_in)
+        world = dist.get_world_size(self.process_group)
+        if world == 1:
+            return super()._batch_stats(mean_in, var_in)
+        from torch.distributed.nn.functional import all_reduce
+
+        mean_local, var_local = super()._batch_stats(mean_in, var_in)
+        packed = torch.cat([mean_local, var_local + mean_local.square()])  # (2, C): mean, E[var + mu^2]
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        packed = all_reduce(packed, op=dist.ReduceOp.SUM, group=group) / world
+        mean_bn = packed[:1]
+        return mean_bn, packed[1:] - mean_bn.square()
+
+
+class SwitchNorm1d(_SwitchNormBase):
+    """Switchable Normalization over (N, C) features: softmax mixture of [LN, BN] (IN is one element).
+
+    As the published SwitchNorm1d, LN and BN use unbiased variances (over C and over N), defined as
+    0 over a single element (batch size 1). ``using_bn=False`` leaves LN alone. Other arguments and
+    conventions as SwitchNorm2d (momentum in PyTorch convention, running_var starts at 1).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, using_bn=True, using_moving_average=True):
+        terms = ("LN", "BN") if using_bn else ("LN",)
+        super().__init__(num_features, terms, eps, momentum, using_moving_average)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.num_features:
+            raise ValueError(f"SwitchNorm1d: expected input (N, {self.num_features}), got {tuple(x.shape)}")
+        with torch.autocast(x.device.type, enabled=False):
+            xc = x.to(_compute_dtype(x.dtype))
+            means, variances = [xc.mean(1, keepdim=True)], [_unbiased_var(xc, 1)]
+            if self.using_bn:
+                mean_bn, var_bn = self._bn_term(lambda: (xc.mean(0, keepdim=True), _unbiased_var(xc, 0)))
+                means.append(mean_bn.to(xc.dtype))
+                variances.append(var_bn.to(xc.dtype))
+            mean_w = self.mean_weight.to(xc.dtype).softmax(0)
+            var_w = self.var_weight.to(xc.dtype).softmax(0)
+            mean = sum(w * t for w, t in zip(mean_w, means))
+            var = sum(w * t for w, t in zip(var_w, variances))
+            scale = self.weight.to(xc.dtype) * torch.rsqrt(var + self.eps)
+            y = (xc - mean) * scale + self.bias.to(xc.dtype)
+        return y.to(x.dtype)
+
+
+def _sn_layers(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, _SwitchNormBase)]
+
+
+@torch.no_grad()
+def hard_select(model: nn.Module) -> nn.Module:
+    """ARGMAX: make every SN mixture in ``model`` the one-hot choice of its largest weight (in place).
+
+    Each layer's mean and variance logits become exactly one-hot after softmax (the chosen logit 0,
+    the others -1e4) and are frozen (``requires_grad=False``), so forward normalises with exactly one
+    statistic per mixture. Returns ``model``. The one-hot logits travel in the state dict: loading it
+    into a freshly built model reproduces the selection (call ``hard_select`` again there to freeze).
+    """
+    for _, layer in _sn_layers(model):
+        for logits in (layer.mean_weight, layer.var_weight):
+            choice = int(torch.argmax(logits))
+            logits.fill_(_HARD_OFF)
+            logits[choice] = 0.0
+            logits.requires_grad_(False)
+    return model
+
+
+def sn_mixture_weights(model: nn.Module) -> list[dict]:
+    """One dict per SN layer, in module order: ``{"name", "terms", "mean", "var"}`` (softmax weights)."""
+    report = []
+    for name, layer in _sn_layers(model):
+        mean_w, var_w = layer.mixture_weights()
+        report.append({"name": name, "terms": layer.terms, "mean": mean_w.tolist(), "var": var_w.tolist()})
+    return report
