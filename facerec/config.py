@@ -57,8 +57,8 @@ SYNTH = {  # data.synth: generate a synthetic RecordIO set at data.train when it
     "images_per_identity": Opt(20, "int"),
     "size": Opt(112, "int"),
     "seed": Opt(0, "int"),
-    "verify_identities": Opt(50, "int"),
-    "verify_pairs": Opt(600, "int"),
+    "verify_identities": Opt(None, "int", nullable=True),  # null: max(20, identities // 4)
+    "verify_pairs": Opt(3000, "int"),  # a multiple of 20
 }
 
 SCHEMA: dict[str, dict[str, Any]] = {

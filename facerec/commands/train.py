@@ -1,0 +1,20 @@
+"""``run.py train``: train or resume a model from a YAML config plus ``section.key=value`` overrides."""
+from __future__ import annotations
+
+HELP = "train a face recognition model (one process, or one per device under torchrun)"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override config values, e.g. optim.lr=0.05 train.output_dir=runs/try1")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for configuration errors")
+
+
+def run(args) -> int:
+    from facerec.config import load_config
+    from facerec.train import train
+
+    config = load_config(args.config, args.overrides)
+    train(config)
+    return 0
