@@ -55,7 +55,9 @@ def _write_pack(folder, layout, labels=None, property_classes=IDS, corrupt_key=N
         else:
             base = {"im2rec0": 0, "im2rec1": 1, "shuffled": 100}[layout]
             keys = [base + i for i in range(len(items))]
-            order = np.random.default_rng(1).permutation(len(items)) if layout == "shuffled" else range(len(items))
+            order = range(len(items))
+            if layout == "shuffled":
+                order = np.random.default_rng(1).permutation(len(items))
             for i in order:
                 (label, n), value = items[i], labels[i]
                 value = [float(value), 7.0] if layout == "shuffled" else float(value)  # label arrays too
@@ -67,7 +69,8 @@ def _write_pack(folder, layout, labels=None, property_classes=IDS, corrupt_key=N
 
 @pytest.mark.parametrize("layout", ["insightface", "im2rec0", "im2rec1", "shuffled"])
 def test_record_dataset_layouts(tmp_path, layout):
-    keys, items = _write_pack(tmp_path / layout, layout, property_classes=IDS if layout != "im2rec1" else None)
+    classes = None if layout == "im2rec1" else IDS
+    keys, items = _write_pack(tmp_path / layout, layout, property_classes=classes)
     dataset = FaceRecordDataset(tmp_path / layout, train=False)
     assert len(dataset) == IDS * PER_ID and dataset.num_classes == IDS
     assert dataset.layout == ("insightface" if layout == "insightface" else "records")
@@ -118,7 +121,7 @@ def test_missing_index_is_rebuilt_and_inputs_unchanged(tmp_path, capsys):
 
 def test_property_mismatch_explains_both(tmp_path):
     _write_pack(tmp_path / "a", "insightface", property_classes=5)
-    with pytest.raises(DataError, match=r"property declares 5 classes but the records give 3 \(identity records"):
+    with pytest.raises(DataError, match=r"property declares 5 classes but the records give 3 \(identity"):
         FaceRecordDataset(tmp_path / "a")
     _write_pack(tmp_path / "b", "im2rec0", property_classes=4)
     with pytest.raises(DataError, match=r"declares 4 classes but the records give 3 \(max label \+ 1\)"):
