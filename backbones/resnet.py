@@ -3,11 +3,12 @@ embedding backbones, with a pluggable 2-D norm layer.
 
 The layouts are those of torchvision and of the published Switchable Normalization model zoo
 (``resnet_v1_sn`` / ``resnet_v2_sn``): stem conv7x7/2 + norm + ReLU + max-pool, 4 stages (strides
-1, 2, 2, 2), v2 ends with norm + ReLU.  Module names follow torchvision with every norm called ``bn*``
-(the published SN checkpoints call them ``sn*``; v2's final norm is ``bn_out``, published ``sn_out``;
-a v2 shortcut is a bare 1x1 conv ``downsample``, a v1 shortcut ``downsample.0`` conv +
-``downsample.1`` norm).  Instead of the 1000-way classifier the head is global average pool ->
-dropout -> ``fc`` (linear to embedding_size) -> ``features`` (BatchNorm1d, scale fixed at 1).
+1, 2, 2, 2, v1 bottlenecks stride on the 3x3 conv), v2 ends with norm + ReLU.  Module names are those
+of the published SN models, whatever the norm: norms ``sn1, sn2, sn3`` (v2's final one ``sn_out``), a
+v1 shortcut ``downsample.0`` conv + ``downsample.1`` norm, a v2 shortcut a bare 1x1 conv
+``downsample``; so a published checkpoint passed through ``convert_published_sn`` keeps its keys.
+Instead of the 1000-way classifier the head is global average pool -> dropout -> ``fc`` (linear to
+embedding_size) -> ``features`` (BatchNorm1d, scale fixed at 1).
 """
 from collections.abc import Sequence
 
@@ -31,19 +32,19 @@ class BasicBlock(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int, norm_layer: NormLayer) -> None:
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = norm_layer(planes)
-        self.relu = nn.ReLU(inplace=True)
+        self.sn1 = norm_layer(planes)
+        self.relu = nn.ReLU()
         self.conv2 = conv3x3(planes, planes)
-        self.bn2 = norm_layer(planes)
+        self.sn2 = norm_layer(planes)
         self.downsample = _v1_shortcut(inplanes, planes * self.expansion, stride, norm_layer)
 
     @property
     def last_norm(self) -> nn.Module:
-        return self.bn2
+        return self.sn2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
+        out = self.relu(self.sn1(self.conv1(x)))
+        out = self.sn2(self.conv2(out))
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
@@ -57,22 +58,22 @@ class Bottleneck(nn.Module):
     def __init__(self, inplanes: int, planes: int, stride: int, norm_layer: NormLayer) -> None:
         super().__init__()
         self.conv1 = conv1x1(inplanes, planes)
-        self.bn1 = norm_layer(planes)
+        self.sn1 = norm_layer(planes)
         self.conv2 = conv3x3(planes, planes, stride)
-        self.bn2 = norm_layer(planes)
+        self.sn2 = norm_layer(planes)
         self.conv3 = conv1x1(planes, planes * self.expansion)
-        self.bn3 = norm_layer(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
+        self.sn3 = norm_layer(planes * self.expansion)
+        self.relu = nn.ReLU()
         self.downsample = _v1_shortcut(inplanes, planes * self.expansion, stride, norm_layer)
 
     @property
     def last_norm(self) -> nn.Module:
-        return self.bn3
+        return self.sn3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
+        out = self.relu(self.sn1(self.conv1(x)))
+        out = self.relu(self.sn2(self.conv2(out)))
+        out = self.sn3(self.conv3(out))
         identity = x if self.downsample is None else self.downsample(x)
         return self.relu(out + identity)
 
@@ -85,20 +86,20 @@ class PreActBasicBlock(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int, norm_layer: NormLayer) -> None:
         super().__init__()
-        self.bn1 = norm_layer(inplanes)
+        self.sn1 = norm_layer(inplanes)
         self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn2 = norm_layer(planes)
+        self.sn2 = norm_layer(planes)
         self.conv2 = conv3x3(planes, planes)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
         self.downsample = _v2_shortcut(inplanes, planes * self.expansion, stride)
 
     @property
     def last_norm(self) -> nn.Module:
-        return self.bn2
+        return self.sn2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        preact = self.relu(self.bn1(x))
-        out = self.conv2(self.relu(self.bn2(self.conv1(preact))))
+        preact = self.relu(self.sn1(x))
+        out = self.conv2(self.relu(self.sn2(self.conv1(preact))))
         identity = x if self.downsample is None else self.downsample(preact)
         return out + identity
 
@@ -111,23 +112,23 @@ class PreActBottleneck(nn.Module):
 
     def __init__(self, inplanes: int, planes: int, stride: int, norm_layer: NormLayer) -> None:
         super().__init__()
-        self.bn1 = norm_layer(inplanes)
+        self.sn1 = norm_layer(inplanes)
         self.conv1 = conv1x1(inplanes, planes)
-        self.bn2 = norm_layer(planes)
+        self.sn2 = norm_layer(planes)
         self.conv2 = conv3x3(planes, planes, stride)
-        self.bn3 = norm_layer(planes)
+        self.sn3 = norm_layer(planes)
         self.conv3 = conv1x1(planes, planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
+        self.relu = nn.ReLU()
         self.downsample = _v2_shortcut(inplanes, planes * self.expansion, stride)
 
     @property
     def last_norm(self) -> nn.Module:
-        return self.bn3
+        return self.sn3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        preact = self.relu(self.bn1(x))
-        out = self.conv2(self.relu(self.bn2(self.conv1(preact))))
-        out = self.conv3(self.relu(self.bn3(out)))
+        preact = self.relu(self.sn1(x))
+        out = self.conv2(self.relu(self.sn2(self.conv1(preact))))
+        out = self.conv3(self.relu(self.sn3(out)))
         identity = x if self.downsample is None else self.downsample(preact)
         return out + identity
 
@@ -177,14 +178,14 @@ class ResNet(nn.Module):
             raise ValueError(f"input_size must be a multiple of 16, got {input_size}")
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(width)
-        self.relu = nn.ReLU(inplace=True)
+        self.sn1 = norm_layer(width)
+        self.relu = nn.ReLU()
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.layer1 = self._make_layer(block, width, layers[0], 1, norm_layer)
         self.layer2 = self._make_layer(block, width * 2, layers[1], 2, norm_layer)
         self.layer3 = self._make_layer(block, width * 4, layers[2], 2, norm_layer)
         self.layer4 = self._make_layer(block, width * 8, layers[3], 2, norm_layer)
-        self.bn_out = norm_layer(self.inplanes) if block.preact else None
+        self.sn_out = norm_layer(self.inplanes) if block.preact else None
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(p=dropout)
         self.fc = nn.Linear(self.inplanes, embedding_size)
@@ -202,9 +203,9 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(self.relu(self.sn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        if self.bn_out is not None:
-            x = self.relu(self.bn_out(x))
+        if self.sn_out is not None:
+            x = self.relu(self.sn_out(x))
         x = self.dropout(torch.flatten(self.avgpool(x), 1))
         return self.features(self.fc(x))
