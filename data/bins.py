@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -123,11 +123,11 @@ def write_bin(path, images, issame) -> None:
     if len(images) != 2 * len(flags):
         raise ValueError(f"{path}: {len(images)} images for {len(flags)} pairs, expected {2 * len(flags)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             pickle.dump((images, flags), f, protocol=4)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -1,0 +1,34 @@
+"""``run.py pack``: an image folder ``<identity>/<image>`` -> insightface ``train.rec/train.idx/property``."""
+from __future__ import annotations
+
+from data.pack import pack_folder
+
+HELP = "Pack an image folder (<identity>/<image>) into train.rec/train.idx/property (insightface layout)."
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--input", required=True, metavar="FOLDER", help="folder of <identity>/<image>")
+    parser.add_argument("--output", required=True, metavar="DIR", help="for train.rec, train.idx, property")
+    parser.add_argument(
+        "--landmarks", metavar="CSV",
+        help="'image,x1,y1,...,x5,y5' rows (image relative to --input, header optional): align faces to the "
+             "ArcFace template; without it images are taken as aligned (centred square, resized)",
+    )
+    parser.add_argument("--size", type=int, default=112, help="output image side (default 112)")
+    parser.add_argument("--quality", type=int, default=95, help="JPEG quality (default 95)")
+    parser.add_argument("--workers", type=int, default=None, help="processes (default: CPUs, at most 8)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave undecodable images out (and list them) instead of stopping")
+    parser.add_argument("--force", action="store_true", help="overwrite existing outputs")
+
+
+def run(args) -> int:
+    summary = pack_folder(args.input, args.output, landmarks=args.landmarks, size=args.size,
+                          quality=args.quality, workers=args.workers, force=args.force,
+                          skip_bad=args.skip_bad)
+    for message in summary["skipped"]:
+        print(f"skipped: {message}")
+    skipped = f", {len(summary['skipped'])} undecodable images skipped" if summary["skipped"] else ""
+    print(f"wrote {summary['output']}: {summary['images']} images of {summary['classes']} identities, "
+          f"{args.size}x{args.size}{skipped}")
+    return 0
