@@ -59,12 +59,16 @@ def _instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c = x.shape[:2]
     if x.is_contiguous():
         xv = x.view(1, n * c, -1)
-        mean = xv.mean(2).view(-1)
-        # sum(x * (x - mean)) per (n, c) in one pass (the reduction part of BN's backward kernel).
-        _, sxc, _ = torch.ops.aten.native_batch_norm_backward(
-            xv, xv, None, None, None, mean, torch.ones_like(mean), True, 0.0, [False, True, False]
+        spatial = xv.shape[2]
+        shift = xv[0, :, 0].contiguous()  # one sample of each (n, c) slice: keeps the sums well conditioned
+        # sum(x * (x - shift)) and sum(x) per (n, c) in one pass (the reductions of BN's backward kernel).
+        _, sxs, sx = torch.ops.aten.native_batch_norm_backward(
+            xv, xv, None, None, None, shift, torch.ones_like(shift), True, 0.0, [False, True, True]
         )
-        return mean.view(n, c), (sxc / xv.shape[2]).clamp_min_(0).view(n, c)
+        mean = sx / spatial
+        # sum((x - mean)^2) = sum(x * (x - shift)) - sum(x) * (mean - shift)
+        var = (sxs - sx * (mean - shift)).div_(spatial).clamp_min_(0)
+        return mean.view(n, c), var.view(n, c)
     var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
     return mean, var
 
@@ -112,11 +116,10 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
             if fused:
                 g = g.contiguous()
                 xv, gv = xc.view(1, n * c, -1), g.view(1, n * c, -1)
-                # Eval-mode BN backward with running_var=1, eps=0: grad_input = g * a,
-                # grad_weight = sum(g * (x - mean)), grad_bias = sum(g), in one fused pass.
-                dx, sgxc, sg = torch.ops.aten.native_batch_norm_backward(
-                    gv, xv, a.detach().view(-1), mean.detach().view(-1), torch.ones_like(mean).view(-1),
-                    None, None, False, 0.0, [ctx.needs_input_grad[0], True, True],
+                # sum(g * (x - mean)) and sum(g) per (n, c) in one pass (BN backward's reductions).
+                _, sgxc, sg = torch.ops.aten.native_batch_norm_backward(
+                    gv, xv, None, None, None, mean.detach().view(-1), torch.ones_like(mean).view(-1),
+                    True, 0.0, [False, True, True],
                 )
                 sgxc, sg = sgxc.view(n, c), sg.view(n, c)
             else:
@@ -132,8 +135,12 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
                 d_mean, d_var = (torch.zeros_like(mean) if t is None else t for t in leaf_grads[:2])
                 c2 = d_var * (2.0 / spatial)  # d var / d x = 2 (x - mean) / L
                 c1 = d_mean / spatial - c2 * mean.detach()
-                if fused:
-                    dx = dx.view_as(xc).addcmul_(xc, c2[..., None, None]).add_(c1[..., None, None])
+                if fused:  # x * c2 + c1 in one pass (eval-mode BN forward with unit stats), then + g * a
+                    dx = torch.native_batch_norm(
+                        xv, c2.view(-1), c1.view(-1), torch.zeros_like(c1).view(-1),
+                        torch.ones_like(c1).view(-1), False, 0.0, 0.0,
+                    )[0].view_as(xc)
+                    dx.addcmul_(g, a.detach()[..., None, None])
                 else:
                     dx = torch.addcmul(c1[..., None, None], xc, c2[..., None, None])
                     dx.addcmul_(g, a.detach()[..., None, None])
