@@ -125,3 +125,35 @@ def test_bad_inputs(tmp_path):
     cv2.imwrite(str(tmp_path / "flat" / "a.png"), np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(ValueError, match="no images"):
         pack_folder(tmp_path / "flat", tmp_path / "out")
+
+
+def _command(module, argv):
+    """Parse ``argv`` with the command's own arguments and run it, as facerec.cli does."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
+def test_pack_command(folder, tmp_path, capsys):
+    from facerec.commands import pack
+
+    out = tmp_path / "cli"
+    argv = ["--input", str(folder), "--output", str(out), "--size", "16", "--workers", "1"]
+    assert _command(pack, argv) == 0
+    assert "9 images of 3 identities, 16x16" in capsys.readouterr().out
+    with pytest.raises(FileExistsError):
+        _command(pack, argv)
+    assert _command(pack, argv + ["--force", "--quality", "80"]) == 0
+
+
+def test_pack_through_run_py_cli(folder, tmp_path, capsys):
+    pytest.importorskip("facerec.commands.synth", reason="facerec.cli needs every command module")
+    from facerec.cli import main
+
+    argv = ["pack", "--input", str(folder), "--output", str(tmp_path / "o"), "--size", "16", "--workers", "1"]
+    assert main(argv) == 0
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "already exists" in err

@@ -217,3 +217,40 @@ def test_real_cfp_fiducial_interpretation():
         (ex, ey), (mx, my) = points
         angles.append(math.degrees(math.atan2(abs(mx - ex), my - ey)) * np.sign(mx - ex))
     assert len(angles) == 500 and abs(np.mean(angles)) < 5
+
+
+def _command(module, argv):
+    """Parse ``argv`` with the command's own arguments and run it, as facerec.cli does."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
+def test_make_bin_command(lfw, tiny_cfp, tmp_path, capsys):
+    from facerec.commands import make_bin
+
+    out = tmp_path / "lfw.bin"
+    assert _command(make_bin, ["--lfw", str(lfw), "--output", str(out), "--size", "16", "--workers=1"]) == 0
+    assert "20 pairs (10 same, 10 different) in 10 folds, 16x16" in capsys.readouterr().out
+    with pytest.raises(FileExistsError):
+        _command(make_bin, ["--lfw", str(lfw), "--output", str(out)])
+    argv = ["--cfp", str(tiny_cfp), "--output", str(tmp_path / "bins"), "--size", "16", "--workers", "1"]
+    assert _command(make_bin, argv + ["--protocols", "FP"]) == 0
+    printed = capsys.readouterr().out
+    assert "cfp_fp.bin: 3 pairs (1 same, 2 different) in 1 folds" in printed and "cfp_ff" not in printed
+    assert _command(make_bin, argv + ["--force"]) == 0
+    assert sorted(p.name for p in (tmp_path / "bins").iterdir()) == ["cfp_ff.bin", "cfp_fp.bin"]
+    with pytest.raises(ValueError, match="--lfw only"):
+        _command(make_bin, argv + ["--landmarks", "x.csv"])
+
+
+def test_make_bin_through_run_py_cli(lfw, tmp_path, capsys):
+    pytest.importorskip("facerec.commands.synth", reason="facerec.cli needs every command module")
+    from facerec.cli import main
+
+    argv = ["make-bin", "--lfw", str(lfw), "--output", str(tmp_path / "l.bin"), "--size=16", "--workers=1"]
+    assert main(argv) == 0
+    assert main(argv) == 2
+    assert "already exists" in capsys.readouterr().err
