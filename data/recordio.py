@@ -181,10 +181,15 @@ class MXRecordIO:
         self._require_open()
         if self.writable:
             raise ValueError(f"{self.uri} is opened for writing, not reading")
-        if pos >= self._size:
+        buf, size = self._buf, self._size
+        if pos >= size:
             return None, pos
+        if pos + 8 <= size:  # fast path: a whole (cflag 0) record; anything else is checked by _spans
+            magic, lrec = _PREFIX.unpack_from(buf, pos)
+            end = pos + 8 + lrec
+            if magic == MAGIC and lrec < _MAX_LENGTH and end + (-lrec & 3) <= size:
+                return buf[pos + 8:end], end + (-lrec & 3)
         spans, nxt = self._spans(pos, key)
-        buf = self._buf
         if len(spans) == 1:
             start, end = spans[0]
             return buf[start:end], nxt
