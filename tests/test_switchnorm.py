@@ -1,4 +1,4 @@
-"""SwitchNorm2d / SwitchNorm1d / hard_select / convert_published_sn against an independent float64 reference."""
+"""SwitchNorm2d/1d, hard_select and convert_published_sn against an independent float64 reference."""
 
 import io
 import subprocess
@@ -52,7 +52,9 @@ def ref_sn2d(x, weight, bias, mean_logits, var_logits, eps=1e-5, running=None, u
 def ref_sn1d(x, weight, bias, mean_logits, var_logits, eps=1e-5, running=None, using_bn=True):
     """Published SwitchNorm1d: [LN, BN] with unbiased variances (0 over a single element)."""
     n, c = x.shape
-    uvar = lambda t, d: t.var(d, keepdim=True) if t.shape[d] > 1 else torch.zeros_like(t.mean(d, keepdim=True))
+    uvar = lambda t, d: (
+        t.var(d, keepdim=True) if t.shape[d] > 1 else torch.zeros_like(t.mean(d, keepdim=True))
+    )
     mus, vs, batch = [x.mean(1, keepdim=True)], [uvar(x, 1)], None
     if using_bn:
         mu_bn, var_bn = x.mean(0, keepdim=True), uvar(x, 0)
@@ -68,8 +70,10 @@ def ref_sn1d(x, weight, bias, mean_logits, var_logits, eps=1e-5, running=None, u
 
 
 def params64(layer):
-    return [p.detach().double().clone().requires_grad_() for p in (layer.weight, layer.bias, layer.mean_weight,
-                                                                    layer.var_weight)]
+    return [
+        p.detach().double().clone().requires_grad_()
+        for p in (layer.weight, layer.bias, layer.mean_weight, layer.var_weight)
+    ]
 
 
 def randomise(layer, seed=0):
@@ -83,7 +87,7 @@ def randomise(layer, seed=0):
 
 def make_x(shape, seed=1, offset=0.7, scale=1.8, **kw):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(shape, generator=g, **kw) * scale + offset)
+    return torch.randn(shape, generator=g, **kw) * scale + offset
 
 
 def check_against_reference(layer, x, ref, running=None, atol=1e-5, using_bn=True):
@@ -100,8 +104,11 @@ def check_against_reference(layer, x, ref, running=None, atol=1e-5, using_bn=Tru
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.double(), y_ref, atol=atol, rtol=atol)
     torch.testing.assert_close(x.grad.double(), x64.grad, atol=atol, rtol=atol)
-    for name, p, p_ref in zip(("weight", "bias", "mean_weight", "var_weight"),
-                              (layer.weight, layer.bias, layer.mean_weight, layer.var_weight), ps):
+    for name, p, p_ref in zip(
+        ("weight", "bias", "mean_weight", "var_weight"),
+        (layer.weight, layer.bias, layer.mean_weight, layer.var_weight),
+        ps,
+    ):
         torch.testing.assert_close(p.grad.double(), p_ref.grad, atol=atol * 10, rtol=atol, msg=name)
     layer.zero_grad()
     return batch
@@ -109,7 +116,9 @@ def check_against_reference(layer, x, ref, running=None, atol=1e-5, using_bn=Tru
 
 # ---------------------------------------------------------------- SwitchNorm2d
 @pytest.mark.parametrize("using_bn", [True, False])
-@pytest.mark.parametrize("shape", [(4, 6, 5, 3), (3, 5, 1, 1), (1, 4, 3, 4)], ids=["4x6x5x3", "1x1-maps", "batch1"])
+@pytest.mark.parametrize(
+    "shape", [(4, 6, 5, 3), (3, 5, 1, 1), (1, 4, 3, 4)], ids=["4x6x5x3", "1x1-maps", "batch1"]
+)
 def test_sn2d_train_matches_reference(shape, using_bn):
     layer = randomise(SwitchNorm2d(shape[1], using_bn=using_bn)).train()
     assert len(layer.mean_weight) == (3 if using_bn else 2)
@@ -161,7 +170,9 @@ def test_sn2d_one_by_one_no_nan_eval_and_batch1():
         check_against_reference(layer.train(), make_x((1, 3, 1, 1)), ref_sn2d)
     assert torch.isfinite(layer.running_var).all()
     layer.eval()
-    check_against_reference(layer, make_x((2, 3, 1, 1)), ref_sn2d, running=(layer.running_mean, layer.running_var))
+    check_against_reference(
+        layer, make_x((2, 3, 1, 1)), ref_sn2d, running=(layer.running_mean, layer.running_var)
+    )
 
 
 def test_sn2d_gradcheck_double():
@@ -173,7 +184,7 @@ def test_sn2d_gradcheck_double():
         x = make_x((2, 3, 3, 2), dtype=torch.float64).requires_grad_()
         params = (layer.weight, layer.bias, layer.mean_weight, layer.var_weight)
         momentum, layer.momentum = layer.momentum, 0.0  # keep the running stats fixed across evaluations
-        assert torch.autograd.gradcheck(lambda x, *p: layer(x), (x, *params))
+        assert torch.autograd.gradcheck(lambda x, *p, m=layer: m(x), (x, *params))
         layer.momentum = momentum
     x = make_x((2, 3, 3, 2), dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
     assert torch.autograd.gradcheck(lambda x: layer(x), (x,))
@@ -310,8 +321,13 @@ def _statistics64(x, running):
 
 
 def test_sn_mixture_weights_report():
-    model = nn.Sequential(nn.Conv2d(3, 4, 1), randomise(SwitchNorm2d(4)), SwitchNorm2d(4, using_bn=False),
-                          nn.Flatten(), SwitchNorm1d(4))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        randomise(SwitchNorm2d(4)),
+        SwitchNorm2d(4, using_bn=False),
+        nn.Flatten(),
+        SwitchNorm1d(4),
+    )
     report = sn_mixture_weights(model)
     assert [r["name"] for r in report] == ["1", "2", "4"]
     assert [r["terms"] for r in report] == [("IN", "LN", "BN"), ("IN", "LN"), ("LN", "BN")]
@@ -371,17 +387,34 @@ def test_convert_published_sn_round_trip():
     assert Net().sn.momentum == 0.1
     # eval output equals the published formulas evaluated on the published tensors
     x = make_x((2, 3, 6, 6))
-    p = {k[len("module."):]: v.double() for k, v in published.items()}
+    p = {k[len("module.") :]: v.double() for k, v in published.items()}
     h = nn.functional.conv2d(x.double(), p["conv.weight"], padding=1)
-    h, _ = ref_sn2d(h, p["sn.weight"], p["sn.bias"], p["sn.mean_weight"], p["sn.var_weight"],
-                    running=(p["sn.running_mean"], p["sn.running_var"]))
-    h, _ = ref_sn2d(h, p["sn2.weight"], p["sn2.bias"], p["sn2.mean_weight"], p["sn2.var_weight"], using_bn=False)
-    y_ref, _ = ref_sn1d(h.mean((2, 3)), p["head.weight"], p["head.bias"], p["head.mean_weight"],
-                        p["head.var_weight"], running=(p["head.running_mean"], p["head.running_var"]))
+    h, _ = ref_sn2d(
+        h,
+        p["sn.weight"],
+        p["sn.bias"],
+        p["sn.mean_weight"],
+        p["sn.var_weight"],
+        running=(p["sn.running_mean"], p["sn.running_var"]),
+    )
+    h, _ = ref_sn2d(
+        h, p["sn2.weight"], p["sn2.bias"], p["sn2.mean_weight"], p["sn2.var_weight"], using_bn=False
+    )
+    y_ref, _ = ref_sn1d(
+        h.mean((2, 3)),
+        p["head.weight"],
+        p["head.bias"],
+        p["head.mean_weight"],
+        p["head.var_weight"],
+        running=(p["head.running_mean"], p["head.running_var"]),
+    )
     torch.testing.assert_close(net.eval()(x).double(), y_ref, atol=1e-5, rtol=1e-5)
     # our own layout passes through unchanged
     again = convert_published_sn(net.state_dict())
-    assert all(torch.equal(again[k], v) for k, v in net.state_dict().items()) and again.keys() == converted.keys()
+    assert (
+        all(torch.equal(again[k], v) for k, v in net.state_dict().items())
+        and again.keys() == converted.keys()
+    )
 
 
 def test_convert_published_sn_errors():
@@ -398,6 +431,19 @@ def test_convert_published_sn_errors():
 
 
 def test_bench_norm_quick_runs():
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_norm.py"), "--quick", "--threads", "1",
-                          "--iters", "1"], capture_output=True, text=True, timeout=120, check=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "bench_norm.py"),
+            "--quick",
+            "--threads",
+            "1",
+            "--iters",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert "SN/BN" in out and "(8, 64, 28, 28)" in out and "worst SN/BN time" in out
