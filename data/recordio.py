@@ -312,9 +312,35 @@ class MXIndexedRecordIO(MXRecordIO):
 def read_index(idx_path, key_type=int):
     """Parse a ``.idx`` file into (keys list, offsets list); malformed lines raise DataError with the line."""
     with open(idx_path) as f:
-        lines = f.read().splitlines()
+        text = f.read()
+    parsed = _read_index_fast(text) if key_type is int else None
+    return parsed if parsed is not None else _read_index_lines(text, key_type, idx_path)
+
+
+def _read_index_fast(text):
+    """Vectorised parse of a strictly well-formed index (one ``key<TAB>offset`` per line, nothing else);
+    None when the text is anything else, for the line-by-line parser to accept or report."""
+    body = text.rstrip("\n")
+    if not body or " " in body or "\r" in body or "\n\n" in body:
+        return None
+    chars = np.frombuffer(body.encode(), np.uint8)
+    newlines = np.flatnonzero(chars == 10)
+    line_of_tab = np.searchsorted(newlines, np.flatnonzero(chars == 9))
+    tabs_per_line = np.bincount(line_of_tab, minlength=len(newlines) + 1)
+    tokens = body.split()
+    if (tabs_per_line != 1).any() or len(tokens) != 2 * len(tabs_per_line):
+        return None
+    try:
+        keys = list(map(int, tokens[0::2]))
+        offsets = np.array(tokens[1::2]).astype(np.int64)
+    except ValueError:
+        return None
+    return (keys, offsets.tolist()) if (offsets >= 0).all() else None
+
+
+def _read_index_lines(text, key_type, idx_path):
     keys, offsets = [], []
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(text.splitlines(), 1):
         fields = line.strip().split("\t")
         if fields == [""]:
             continue
