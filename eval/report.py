@@ -102,3 +102,51 @@ def write_pair_scores_csv(path, rows: dict[str, tuple[np.ndarray, np.ndarray]]) 
         for name, (distances, issame) in rows.items():
             for i, (d, s) in enumerate(zip(np.asarray(distances), np.asarray(issame, dtype=bool))):
                 writer.writerow([name, i, int(s), f"{d:.6f}", f"{1 - d / 2:.6f}"])
+
+
+SN_TERMS = ("IN", "LN", "BN")
+SN_COLORS = {"IN": "#4c72b0", "LN": "#dd8452", "BN": "#55a868"}
+
+
+def format_sn_table(layers: list[dict]) -> str:
+    """Table of Switchable Normalization importance weights: one row per layer, mean and var per term."""
+    header = ["#", "layer"] + [f"{kind} {t}" for kind in ("mean", "var") for t in SN_TERMS]
+    rows = [header]
+    for i, layer in enumerate(layers):
+        cells = [str(i), layer["name"]]
+        for kind in ("mean", "var"):
+            weights = dict(zip(layer["terms"], layer[kind]))
+            cells += [f"{weights[t]:.3f}" if t in weights else "-" for t in SN_TERMS]
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    align = lambda i, cell: cell.ljust(widths[i]) if i == 1 else cell.rjust(widths[i])
+    lines = ["  ".join(align(i, cell) for i, cell in enumerate(r)) for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def write_sn_png(path, layers: list[dict], title: str = "") -> None:
+    """Stacked bars of the IN/LN/BN weights per SN layer, for the mean (top) and the variance (bottom)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = np.arange(len(layers))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.18 * len(layers) + 2), 6), sharex=True)
+    for ax, kind in zip(axes, ("mean", "var")):
+        bottom = np.zeros(len(layers))
+        for term in SN_TERMS:
+            values = np.array([dict(zip(layer["terms"], layer[kind])).get(term, 0.0) for layer in layers])
+            ax.bar(x, values, bottom=bottom, color=SN_COLORS[term], label=term, width=0.85)
+            bottom += values
+        ax.set_ylim(0, 1)
+        ax.set_ylabel(f"{kind} weight")
+    axes[0].legend(loc="upper right", ncol=3, fontsize="small")
+    axes[0].set_title(title or "Switchable Normalization importance weights per layer")
+    axes[1].set_xlabel("SN layer (network order)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,39 @@
+"""``run.py export``: embeddings of an image collection (.npz/.npy) and/or the backbone as ONNX."""
+from __future__ import annotations
+
+from facerec.commands.verify import add_checkpoint_arguments
+from facerec.export import export_embeddings, export_onnx
+from facerec.model_io import load_model
+
+HELP = "Export L2-normalised embeddings of images (.npz/.npy) and/or the backbone as ONNX."
+
+
+def add_arguments(parser) -> None:
+    add_checkpoint_arguments(parser)
+    parser.add_argument("--input", help="image folder (<id>/<image> gives labels), .rec file or folder with "
+                                        "train.rec, verification .bin, or a list file ('PATH [LABEL]' lines)")
+    parser.add_argument("--output", metavar="FILE.npz|FILE.npy",
+                        help=".npz: embeddings, norms, labels/paths; .npy: the embedding matrix only")
+    parser.add_argument("--onnx", metavar="FILE.onnx", help="also save the backbone as ONNX (dynamic batch)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-flip", action="store_true", help="do not add the horizontal-flip embedding")
+
+
+def run(args) -> int:
+    if not args.onnx and not (args.input and args.output):
+        raise ValueError("nothing to export: give --input and --output, and/or --onnx")
+    if bool(args.input) != bool(args.output):
+        raise ValueError("--input and --output go together")
+    model, checkpoint = load_model(args.checkpoint or args.run, device=args.device)
+    device = checkpoint["device"]
+    model_config = checkpoint["config"]["model"]
+    input_size = model_config.get("input_size", 112)
+    if args.input:
+        arrays = export_embeddings(model, args.input, args.output, input_size, batch_size=args.batch_size,
+                                   flip=not args.no_flip, device=device)
+        shape = arrays["embeddings"].shape
+        print(f"wrote {args.output}: {shape[0]} embeddings of size {shape[1]} ({', '.join(arrays)})")
+    if args.onnx:
+        export_onnx(model, args.onnx, input_size, model_config=model_config)
+        print(f"wrote {args.onnx}: input (N, 3, {input_size}, {input_size}) RGB (x/255-0.5)/0.5")
+    return 0

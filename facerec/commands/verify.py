@@ -1,0 +1,63 @@
+"""``run.py verify``: verification accuracy of a checkpoint on standard or custom pair sets."""
+from __future__ import annotations
+
+from eval.report import format_table, write_json, write_pair_scores_csv, write_roc_png
+from eval.verification import roc_points
+from facerec.model_io import load_model
+from facerec.verification import DEFAULT_DATA_DIR, STANDARD_SETS, load_verification_sets, verify
+
+HELP = "Verification accuracy of a checkpoint (10-fold protocol) on LFW, CFP-FP, AgeDB-30, ... or any .bin."
+
+
+def add_checkpoint_arguments(parser) -> None:
+    """``--checkpoint FILE`` / ``--run DIR`` (one required) and ``--device``; shared by the model commands."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint file (a run directory also works)")
+    source.add_argument("--run", help="training run directory: its best.pt, else its newest checkpoint")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default auto: cuda if any)")
+
+
+def add_dataset_arguments(parser, required: bool) -> None:
+    """``--dataset``, ``--data-dir``, ``--batch-size``, ``--no-flip``; shared with sn-report."""
+    parser.add_argument("--dataset", required=required,
+                        help=f"comma list of names ({', '.join(STANDARD_SETS)}) looked up as "
+                             "<data-dir>/<name>.bin, .bin paths, or raw LFW/CFP release folders "
+                             "(NAME=FOLDER names one; cfp_ff=FOLDER / cfp_fp=FOLDER pick the CFP protocol)")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                        help=f"folder holding <name>.bin files (default: {DEFAULT_DATA_DIR})")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--no-flip", action="store_true", help="do not add the horizontal-flip embedding")
+
+
+def add_arguments(parser) -> None:
+    add_checkpoint_arguments(parser)
+    add_dataset_arguments(parser, required=True)
+    parser.add_argument("--report", metavar="FILE.json", help="write all metrics as JSON")
+    parser.add_argument("--roc", metavar="FILE.png", help="plot the ROC curves")
+    parser.add_argument("--scores", metavar="FILE.csv", help="write per-pair distances and labels")
+
+
+def run(args) -> int:
+    model, checkpoint = load_model(args.checkpoint or args.run, device=args.device)
+    device = checkpoint["device"]
+    input_size = checkpoint["config"]["model"].get("input_size", 112)
+    sets = load_verification_sets(args.dataset, args.data_dir, input_size)
+    results, curves, scores = {}, {}, {}
+    for vset in sets:
+        metrics, distances = verify(model, vset, input_size, batch_size=args.batch_size,
+                                    flip=not args.no_flip, device=device)
+        results[vset.name] = metrics
+        curves[vset.name] = roc_points(distances, vset.issame)
+        scores[vset.name] = (distances, vset.issame)
+    print(f"checkpoint: {checkpoint['path']} (step {checkpoint.get('step', '?')})")
+    print(format_table(results))
+    if args.report:
+        datasets = {v.name: {"source": v.source, **results[v.name]} for v in sets}
+        write_json(args.report, {"checkpoint": checkpoint["path"], "step": checkpoint.get("step"),
+                                 "epoch": checkpoint.get("epoch"), "model": checkpoint["config"]["model"],
+                                 "flip": not args.no_flip, "datasets": datasets})
+    if args.roc:
+        write_roc_png(args.roc, curves)
+    if args.scores:
+        write_pair_scores_csv(args.scores, scores)
+    return 0

@@ -1,0 +1,175 @@
+"""Export embeddings of an image collection (.npz/.npy) and the backbone itself (ONNX)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data import load_bin
+from data.recordio import MXIndexedRecordIO, unpack
+from eval.verification import l2_normalize
+
+from .embedding import embed_images
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+PREPROCESSING = {
+    "color": "RGB",
+    "layout": "NCHW",
+    "normalize": "(x / 255 - 0.5) / 0.5",
+    "resize": "to input_size x input_size: cv2 INTER_AREA when shrinking, INTER_LINEAR when enlarging",
+    "flip_sum": "verification embeds the image and its horizontal flip and sums the two outputs, "
+                "then L2-normalises",
+    "output": "embedding, not normalised",
+}
+
+
+@dataclass
+class ImageSet:
+    """Encoded images to embed and what identifies them (``labels`` and/or ``paths``; ``issame`` for .bin)."""
+
+    images: object  # sequence of bytes
+    labels: np.ndarray | None = None
+    paths: list[str] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class _FileBytes:
+    """Lazy sequence of file contents (read when indexed, so big folders are not held in memory)."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.paths[i].read_bytes()
+
+
+class _RecordImages:
+    """Lazy sequence of the encoded images of an insightface ``train.rec``; fills ``labels`` as it reads."""
+
+    def __init__(self, rec: Path):
+        self.rec = MXIndexedRecordIO(str(rec.with_suffix(".idx")), str(rec), "r")
+        header = unpack(self.rec.read_idx(0))[0] if 0 in self.rec.idx else None
+        # insightface: record 0 is a header whose label [first, end) gives the image keys 1..first-1
+        indexed = header is not None and header.flag > 0
+        self.keys = list(range(1, int(header.label[0]))) if indexed else list(self.rec.keys)
+        self.labels = np.full(len(self.keys), -1, dtype=np.int64)
+
+    def __len__(self):
+        return len(self.keys)
+
+    def __getitem__(self, i):
+        header, payload = unpack(self.rec.read_idx(self.keys[i]))
+        self.labels[i] = int(np.atleast_1d(header.label)[0])
+        return payload
+
+
+def _folder(root: Path) -> ImageSet:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    paths = [str(p.relative_to(root)) for p in files]
+    labels = None
+    if all(len(p.relative_to(root).parts) == 2 for p in files):  # <root>/<identity>/<image>
+        identities = sorted({p.parent.name for p in files})
+        index = {name: i for i, name in enumerate(identities)}
+        labels = np.array([index[p.parent.name] for p in files], dtype=np.int64)
+    return ImageSet(_FileBytes(files), labels, paths)
+
+
+def _list_file(path: Path) -> ImageSet:
+    entries = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) > 2 or (len(fields) == 2 and not fields[1].lstrip("-").isdigit()):
+            raise ValueError(f"{path}: line {lineno}: expected 'IMAGE_PATH [INTEGER_LABEL]', got {line!r}")
+        entries.append((fields[0], int(fields[1]) if len(fields) == 2 else None, lineno))
+    if not entries:
+        raise ValueError(f"{path}: no image paths listed")
+    has_label = [label is not None for _, label, _ in entries]
+    if any(has_label) and not all(has_label):
+        lineno = entries[has_label.index(not has_label[0])][2]
+        raise ValueError(f"{path}: line {lineno}: some lines have a label and others not")
+    files = [(path.parent / p) for p, _, _ in entries]
+    for (_, _, lineno), file in zip(entries, files):
+        if not file.is_file():
+            raise FileNotFoundError(f"{path}: line {lineno}: image not found: {file}")
+    labels = np.array([label for _, label, _ in entries], dtype=np.int64) if all(has_label) else None
+    return ImageSet(_FileBytes(files), labels, [p for p, _, _ in entries])
+
+
+def read_image_set(path) -> ImageSet:
+    """Images from an image folder, a ``.rec`` (file or directory holding ``train.rec``), a verification
+    ``.bin`` or a list file (one image path per line, optional integer label; relative to the list file)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"input not found: {path}")
+    if path.is_dir() and (path / "train.rec").is_file():
+        path = path / "train.rec"
+    if path.is_dir():
+        return _folder(path)
+    if path.suffix == ".rec":
+        records = _RecordImages(path)
+        return ImageSet(records, records.labels)
+    if path.suffix == ".bin":
+        images, issame = load_bin(path)
+        return ImageSet(images, extra={"issame": issame})
+    return _list_file(path)
+
+
+def export_embeddings(model, input_path, output_path, input_size: int, batch_size: int = 64,
+                      flip: bool = True, device="cpu", progress: bool = True) -> dict:
+    """Embed every image of ``input_path`` and save them to ``output_path``.
+
+    ``.npz``: ``embeddings`` (float32, L2-normalised), ``norms`` (L2 norm of each embedding before
+    normalisation, so ``embeddings * norms[:, None]`` is the raw, flip-summed output), then ``labels``
+    and/or ``paths`` when the input has them (``issame`` for a ``.bin``). ``.npy``: the embeddings only.
+    Returns the saved arrays.
+    """
+    output_path = Path(output_path)
+    if output_path.suffix not in (".npz", ".npy"):
+        raise ValueError(f"output must end in .npz or .npy, got {output_path}")
+    image_set = read_image_set(input_path)
+    raw = embed_images(model, image_set.images, input_size, batch_size=batch_size, flip=flip, device=device,
+                       progress=progress)
+    arrays = {"embeddings": l2_normalize(raw).astype(np.float32),
+              "norms": np.linalg.norm(raw.astype(np.float64), axis=1).astype(np.float32)}
+    if image_set.labels is not None:
+        arrays["labels"] = image_set.labels
+    if image_set.paths is not None:
+        arrays["paths"] = np.array(image_set.paths)
+    arrays.update(image_set.extra)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    if output_path.suffix == ".npy":
+        np.save(output_path, arrays["embeddings"])
+    else:
+        np.savez(output_path, **arrays)
+    return arrays
+
+
+def export_onnx(model, path, input_size: int, model_config: dict | None = None, opset: int = 17) -> None:
+    """Save ``model`` (eval mode, CPU) as ONNX with a dynamic batch axis: input ``input`` (N, 3, S, S) ->
+    ``embedding`` (N, D). The preprocessing and the model config are stored in the metadata properties."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu().eval()
+    dummy = torch.zeros(2, 3, input_size, input_size)
+    torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=["embedding"],
+                      dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset,
+                      dynamo=False)
+    proto = onnx.load(str(path))
+    metadata = {**PREPROCESSING, "input_size": str(input_size), "model": json.dumps(model_config or {})}
+    for key, value in metadata.items():
+        prop = proto.metadata_props.add()
+        prop.key, prop.value = key, value
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))

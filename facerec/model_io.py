@@ -1,0 +1,96 @@
+"""Load a trained backbone from a checkpoint file or a training run directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from backbones import build_backbone
+
+SHOWN_KEYS = 8  # how many differing keys an error message lists per kind
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model its config describes."""
+
+
+def find_checkpoint(path) -> Path:
+    """``path`` if it is a file; for a run directory its ``checkpoints/best.pt``, else the newest ``*.pt``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    for folder in (path / "checkpoints", path):
+        if (folder / "best.pt").is_file():
+            return folder / "best.pt"
+        found = [p for p in folder.glob("*.pt") if p.is_file()]
+        if found:
+            return max(found, key=lambda p: p.stat().st_mtime)
+    raise FileNotFoundError(f"no checkpoint in {path}: looked for {path / 'checkpoints'}/best.pt, "
+                            f"{path / 'checkpoints'}/*.pt and {path}/*.pt")
+
+
+def model_kwargs(config: dict) -> dict:
+    """``build_backbone`` keyword arguments from a checkpoint config's ``model`` section."""
+    model = dict(config["model"])
+    return {**{k: v for k, v in model.items() if k != "norm_kwargs"}, **(model.get("norm_kwargs") or {})}
+
+
+def _state_differences(expected: dict, found: dict) -> list[str]:
+    """Human-readable lines for keys missing from / unexpected in ``found`` and shape mismatches."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [f"{k}: checkpoint {tuple(found[k].shape)}, model {tuple(v.shape)}"
+              for k, v in expected.items() if k in found and tuple(found[k].shape) != tuple(v.shape)]
+    lines = []
+    for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+        if keys:
+            more = f" ... and {len(keys) - SHOWN_KEYS} more" if len(keys) > SHOWN_KEYS else ""
+            lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys[:SHOWN_KEYS]) + more)
+    return lines
+
+
+def load_backbone_state(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> None:
+    """Load ``state`` strictly into ``model``; a mismatch raises CheckpointError listing differing keys."""
+    lines = _state_differences(model.state_dict(), state)
+    if lines:
+        raise CheckpointError(f"{source}: backbone weights do not fit the model built from its config\n"
+                              + "\n".join(lines))
+    model.load_state_dict(state)
+
+
+def read_checkpoint(path) -> tuple[dict, Path]:
+    """The checkpoint dict (on CPU, weights only) and the file it came from; checks the keys we need."""
+    file = find_checkpoint(path)
+    try:
+        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # not a torch file, truncated, or holds arbitrary Python objects
+        raise CheckpointError(f"{file}: cannot read as a checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(checkpoint, dict) or "backbone" not in checkpoint:
+        raise CheckpointError(f"{file}: not a training checkpoint (expected a dict with a 'backbone' entry)")
+    config = checkpoint.get("config")
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or "name" not in model:
+        raise CheckpointError(f"{file}: checkpoint has no config['model'] section describing the backbone")
+    return checkpoint, file
+
+
+def load_model(path, device="cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the backbone of a checkpoint (file or run directory) in eval mode on ``device``.
+
+    ``device="auto"`` picks cuda when available. Returns ``(model, checkpoint)``, the checkpoint dict with
+    ``path`` (the file read) and ``device`` added; ``checkpoint["config"]["model"]["input_size"]`` is the
+    image size.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    checkpoint, file = read_checkpoint(path)
+    try:
+        model = build_backbone(**model_kwargs(checkpoint["config"]))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{file}: cannot build the backbone from config['model'] "
+                              f"{checkpoint['config']['model']}: {exc}") from None
+    load_backbone_state(model, checkpoint["backbone"], source=str(file))
+    checkpoint["path"], checkpoint["device"] = str(file), device
+    return model.to(device).eval(), checkpoint
