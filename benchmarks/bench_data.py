@@ -66,11 +66,11 @@ def face_like_jpeg(rng, size=112, quality=95):
     return cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])[1].tobytes()
 
 
-def build_pack(folder, records, identities=100, seed=0):
+def build_pack(folder, records, seed=0):
     """Write train.rec/train.idx/property of ``records`` JPEG records in insightface's layout."""
     rng = np.random.default_rng(seed)
-    per_id = -(-records // identities)
-    labels = np.minimum(np.arange(records) // per_id, identities - 1)
+    identities = max(1, min(100, records // 8))
+    labels = np.arange(records) * identities // records
     start = records + 1
     with MXIndexedRecordIO(folder / "train.idx", folder / "train.rec", "w") as writer:
         writer.write_idx(0, pack((0, [start, start + identities], 0, 0), b""))

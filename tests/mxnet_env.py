@@ -44,7 +44,8 @@ def mxnet_python(timeout=1200) -> Path:
         shutil.rmtree(venv, ignore_errors=True)
         steps = [
             [sys.executable, "-m", "venv", str(venv)],
-            [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", *REQUIREMENTS],
+            [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", "--retries", "2",
+             "--timeout", "60", *REQUIREMENTS],
             [str(python), "-c", "import mxnet, cv2, numpy; print(mxnet.__version__, numpy.__version__)"],
         ]
         for step in steps:

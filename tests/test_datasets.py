@@ -249,3 +249,12 @@ def test_loader_distributed_sampler(tmp_path):
     finally:
         dist.destroy_process_group()
     assert not isinstance(build_loader(dataset, batch_size=5, num_workers=0).sampler, DistributedSampler)
+
+
+def test_bench_data_quick_runs(capsys):
+    from benchmarks.bench_data import main
+
+    assert main(["--quick", "--records", "120", "--repeat", "1"]) == 0
+    table = capsys.readouterr().out
+    for row in ("read_idx shuffled keys", "decode+flip+normalise", "build_loader 2 workers"):
+        assert row in table
