@@ -71,7 +71,7 @@ def head_optimizer_state(optimizer: torch.optim.Optimizer, head: nn.Module) -> d
         for key in _per_element_keys(optimizer, params):
             for p in params:
                 p.copy_(optimizer.state[p][key])
-            out["full"][key] = {k: v.cpu() for k, v in head.state_dict().items()}
+            out["full"][key] = {k: v.detach().to("cpu", copy=True) for k, v in head.state_dict().items()}
         for p, original in zip(params, saved):
             p.copy_(original)
     for p in params:  # scalar entries such as Adam's step count are the same for every shard

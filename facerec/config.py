@@ -212,6 +212,7 @@ def _check(name: str, value: Any, opt: Opt) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
     elif kind == "float":
+        value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         value = float(value)
@@ -223,6 +224,8 @@ def _check(name: str, value: Any, opt: Opt) -> Any:
             raise bad
     elif kind in ("paths", "ints", "floats"):
         item_type = {"paths": str, "ints": int, "floats": (int, float)}[kind]
+        if kind == "floats" and isinstance(value, list):
+            value = [_yaml11_float(v) for v in value]
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [value]  # a single path / number for a list key
         if not isinstance(value, list) or any(isinstance(v, bool) or not isinstance(v, item_type)
@@ -236,6 +239,16 @@ def _check(name: str, value: Any, opt: Opt) -> Any:
         raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
     if name in _POSITIVE and value <= 0:
         raise ConfigError(f"{name} must be positive, got {value}")
+    return value
+
+
+def _yaml11_float(value: Any) -> Any:
+    """``1e-3`` is a string to YAML 1.1 (PyYAML wants ``1.0e-3``); accept it as the number it means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
     return value
 
 
