@@ -149,6 +149,23 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
         return (dx_out, None, *param_grads)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable sum over the processes of ``group``: the gradient is itself all-reduced (summed)."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad, None
+
+
 class _SwitchNormBase(nn.Module):
     """Parameters, running statistics and mixture weights shared by the SN layers."""
 
@@ -292,12 +309,9 @@ class SyncSwitchNorm2d(SwitchNorm2d):
         world = dist.get_world_size(self.process_group)
         if world == 1:
             return super()._batch_stats(mean_in, var_in)
-        from torch.distributed.nn.functional import all_reduce
-
         mean_local, var_local = super()._batch_stats(mean_in, var_in)
         packed = torch.cat([mean_local, var_local + mean_local.square()])  # (2, C): mean, E[var + mu^2]
-        group = dist.group.WORLD if self.process_group is None else self.process_group
-        packed = all_reduce(packed, op=dist.ReduceOp.SUM, group=group) / world
+        packed = _AllReduceSum.apply(packed, self.process_group) / world
         mean_bn = packed[:1]
         return mean_bn, packed[1:] - mean_bn.square()
 

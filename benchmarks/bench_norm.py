@@ -143,7 +143,8 @@ def main(argv=None):
     iters = args.iters or (3 if args.quick else 15)
     warmup = 1 if args.quick else 3
     print(f"device={device} threads={torch.get_num_threads()} iters={iters} torch={torch.__version__}")
-    print("forward+backward, train mode, float32; median ms of interleaved runs; saved = bytes saved for backward")
+    print("forward+backward, train mode, float32; median ms of interleaved runs; "
+          "saved = bytes saved for backward")
     head = (f"{'shape (N,C,H,W)':<20}{'BN ms':>9}{'SN ms':>9}{'naive ms':>10}{'SN/BN':>8}{'naive/SN':>10}"
             f"{'saved BN MB':>13}{'SN MB':>8}{'naive MB':>10}{'SN/BN':>7}{'max|SN-naive|':>15}")
     if device.type == "cuda":
@@ -157,7 +158,8 @@ def main(argv=None):
         worst = {"sn_bn": max(worst["sn_bn"], sn_bn), "naive_sn": min(worst["naive_sn"], naive_sn),
                  "mem": max(worst["mem"], mem)}
         mb = {k: v / 2**20 for k, v in r["saved"].items()}
-        line = (f"{str(shape):<20}{r['BN']:>9.2f}{r['SN']:>9.2f}{r['naive']:>10.2f}{sn_bn:>8.2f}{naive_sn:>10.2f}"
+        line = (f"{str(shape):<20}{r['BN']:>9.2f}{r['SN']:>9.2f}{r['naive']:>10.2f}"
+                f"{sn_bn:>8.2f}{naive_sn:>10.2f}"
                 f"{mb['BN']:>13.1f}{mb['SN']:>8.1f}{mb['naive']:>10.1f}{mem:>7.2f}{r['diff']:>15.2e}")
         if device.type == "cuda":
             peak = {k: v / 2**20 for k, v in r["peak"].items()}
