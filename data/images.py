@@ -58,9 +58,10 @@ def normalised_view(images: np.ndarray) -> torch.Tensor:
                          f"{images.shape}")
     if not images.flags.c_contiguous:
         images = np.ascontiguousarray(images)
+    if images.ndim == 3:
+        return torch.from_numpy(cv2.LUT(images, _NORMALISE)).permute(2, 0, 1)
     flat = images.reshape(-1, images.shape[-2], 3)  # cv2 works on 2-D images with channels
-    values = torch.from_numpy(cv2.LUT(flat, _NORMALISE).reshape(images.shape))
-    return values.permute(2, 0, 1) if images.ndim == 3 else values.permute(0, 3, 1, 2)
+    return torch.from_numpy(cv2.LUT(flat, _NORMALISE).reshape(images.shape)).permute(0, 3, 1, 2)
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
