@@ -1,8 +1,10 @@
 """Face identity datasets: packed RecordIO (``train.rec``/``train.idx``/``property``) and image folders.
 
 Items are ``(float tensor (3, S, S) normalised as (x/255-0.5)/0.5, int label)``, horizontally flipped at
-random when ``train``. The flip draws from a generator seeded per process from ``torch.initial_seed()``,
-which a DataLoader sets per worker from its own seed, so loading is reproducible. Files are opened lazily
+random when ``train``; the tensor is a channels-last strided view (one pass over the pixels; a DataLoader's
+collate stacks items into a contiguous NCHW batch). The flip draws from a generator seeded per process
+from ``torch.initial_seed()``, which a DataLoader sets per worker from its own seed, so loading is
+reproducible. Files are opened lazily
 in the process that reads them (each DataLoader worker has its own handle) and datasets pickle without
 open handles.
 """
@@ -74,7 +76,10 @@ class FaceRecordDataset(_FaceDataset):
     1..A-1 and identity records A..B-1), or every indexed record is an image (im2rec: keys from 0 or 1,
     possibly shuffled). The label is the header's scalar label or the first value of its label array;
     ``num_classes`` is the identity-record count (insightface) or max label + 1, checked against
-    ``property`` (``num_classes,H,W``) when present. Labels outside 0..num_classes-1 raise DataError."""
+    ``property`` (``num_classes,H,W``) when present. Labels outside 0..num_classes-1 raise DataError.
+    Attributes: ``labels`` (int64 per item), ``keys`` (record key per item), ``num_classes``, ``layout``
+    ("insightface" or "records"). A missing ``.idx`` is rebuilt in memory with keys in file order, which
+    recovers insightface's layout only when record 0 is the first record of the file."""
 
     def __init__(self, path, input_size=None, train=True):
         super().__init__(input_size, train)
