@@ -4,9 +4,8 @@ Items are ``(float tensor (3, S, S) normalised as (x/255-0.5)/0.5, int label)``,
 random when ``train``; the tensor is a channels-last strided view (one pass over the pixels; a DataLoader's
 collate stacks items into a contiguous NCHW batch). The flip draws from a generator seeded per process
 from ``torch.initial_seed()``, which a DataLoader sets per worker from its own seed, so loading is
-reproducible. Files are opened lazily
-in the process that reads them (each DataLoader worker has its own handle) and datasets pickle without
-open handles.
+reproducible. Files are opened lazily in the process that reads them (each DataLoader worker has its
+own handle) and datasets pickle without open handles.
 """
 from __future__ import annotations
 
