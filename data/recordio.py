@@ -125,10 +125,10 @@ class MXRecordIO:
             raise ValueError(f"{self.uri} is opened for reading, not writing")
         if self.pid != os.getpid():
             raise RuntimeError(f"writer of {self.uri} used from another process than the one that opened it")
-        data = bytes(buf) if not isinstance(buf, bytes) else buf
-        size = len(data)
+        size = len(buf) if isinstance(buf, bytes) else memoryview(buf).nbytes
         if size >= _MAX_LENGTH:
             raise ValueError(f"record of {size} bytes for {self.uri}: RecordIO records must be < 2**29 bytes")
+        data = buf if isinstance(buf, bytes) else bytes(buf)
         write = self._file.write
         start = 0
         hit = data.find(_MAGIC_BYTES)

@@ -219,3 +219,12 @@ def test_pickled_reader_reopens_and_writer_refuses(tmp_path):
         pickle.dumps(writer)
     with pytest.raises(ValueError, match="invalid flag"):
         MXRecordIO(rec, "a")
+
+
+def test_record_length_limit(tmp_path):
+    with MXRecordIO(tmp_path / "big.rec", "w") as writer:
+        with pytest.raises(ValueError, match=r"must be < 2\*\*29 bytes"):
+            writer.write(np.zeros(1 << 29, np.uint8))  # never touched: no memory is used
+        writer.write(bytearray(b"ok"))
+    with MXRecordIO(tmp_path / "big.rec", "r") as reader:
+        assert reader.read() == b"ok"
