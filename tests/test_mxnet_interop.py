@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
+from data.datasets import FaceRecordDataset
 from data.recordio import MXIndexedRecordIO, MXRecordIO, pack, pack_img, unpack, unpack_img
 from tests.mxnet_env import MXNetUnavailable, mxnet_python, run_script
 
@@ -60,6 +61,19 @@ out["unpack"] = [(plain(h), s) for h, s in (rio.unpack(b) for b in jobs["our_pac
 images = [np.frombuffer(b, np.uint8).reshape(shape) for b, shape in jobs["images"]]
 out["pack_img"] = [rio.pack_img(rio.IRHeader(0, float(i), i, 0), img, quality=q, img_fmt=fmt)
                    for i, img in enumerate(images) for q, fmt in jobs["img_formats"]]
+# an insightface-layout pack written by mxnet: header record 0, images 1..6, identity records 7..9
+pack_dir = jobs["pack_dir"]
+w = rio.MXIndexedRecordIO(pack_dir + "/train.idx", pack_dir + "/train.rec", "w")
+w.write_idx(0, rio.pack(rio.IRHeader(0, [7, 10], 0, 0), b""))
+for key in range(1, 7):
+    label = (key - 1) // 2
+    w.write_idx(key, rio.pack_img(rio.IRHeader(0, [label, 0.5], key, 0), images[label], quality=95))
+for identity in range(3):
+    w.write_idx(7 + identity, rio.pack(rio.IRHeader(0, [1 + 2 * identity, 3 + 2 * identity], 0, 0), b""))
+w.close()
+r = rio.MXIndexedRecordIO(pack_dir + "/train.idx", pack_dir + "/train.rec", "r")
+out["pack_decoded"] = [(plain(h), img.tobytes(), img.shape)
+                       for h, img in (rio.unpack_img(r.read_idx(k)) for k in range(1, 7))]
 decoded = [rio.unpack_img(s) for s in jobs["our_img_records"]]
 out["unpack_img"] = [(plain(h), img.tobytes(), img.shape) for h, img in decoded]
 pickle.dump(out, open(sys.argv[2], "wb"))
@@ -119,8 +133,9 @@ def interop(tmp_path_factory):
         "mx_seq": str(tmp / "mx_seq.rec"), "our_idx": str(tmp / "ours.idx"), "our_rec": str(tmp / "ours.rec"),
         "our_seq": str(tmp / "ours_seq.rec"), "headers": headers, "our_packed": our_packed,
         "images": [(img.tobytes(), img.shape) for img in images], "img_formats": formats,
-        "our_img_records": our_img_records,
+        "our_img_records": our_img_records, "pack_dir": str(tmp / "pack"),
     }
+    (tmp / "pack").mkdir()
     (tmp / "jobs.pkl").write_bytes(pickle.dumps(jobs, protocol=4))
     run_script(MXNET_SIDE, tmp / "jobs.pkl", tmp / "out.pkl")
     out = pickle.loads((tmp / "out.pkl").read_bytes())
@@ -192,3 +207,15 @@ def test_pack_img_round_trips_match(interop):
                 assert img.shape == img_mine.shape
                 assert np.abs(img.astype(int) - img_mine).mean() < 1.0
             assert np.abs(img_mine.astype(int) - original).mean() < 8.0
+
+
+def test_dataset_reads_an_mxnet_written_pack(interop):
+    dataset = FaceRecordDataset(interop["tmp"] / "pack", train=False)
+    assert dataset.layout == "insightface" and dataset.num_classes == 3
+    assert dataset.labels.tolist() == [0, 0, 1, 1, 2, 2] and dataset.keys.tolist() == [1, 2, 3, 4, 5, 6]
+    for i, (header, raw, shape) in enumerate(interop["out"]["pack_decoded"]):
+        tensor, label = dataset[i]
+        assert header[1] == [float(label), 0.5]
+        bgr = np.frombuffer(raw, np.uint8).reshape(shape)  # mxnet's decode of the same record
+        rgb = ((tensor.permute(1, 2, 0).numpy() * 0.5 + 0.5) * 255).round().astype(int)
+        assert np.abs(rgb - bgr[..., ::-1]).mean() < 1.0
