@@ -43,19 +43,18 @@ def mxnet_python(timeout=1200) -> Path:
             return python
         shutil.rmtree(venv, ignore_errors=True)
         steps = [
-            [sys.executable, "-m", "venv", str(venv)],
-            [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q", "--retries", "2",
-             "--timeout", "60", *REQUIREMENTS],
-            [str(python), "-c", "import mxnet, cv2, numpy; print(mxnet.__version__, numpy.__version__)"],
+            ("python -m venv", [sys.executable, "-m", "venv", str(venv)]),
+            ("pip install", [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q",
+                             "--retries", "2", "--timeout", "60", *REQUIREMENTS]),
+            ("import mxnet", [str(python), "-c", "import mxnet, cv2, numpy; print(mxnet.__version__)"]),
         ]
-        for step in steps:
+        for name, command in steps:
             try:
-                result = subprocess.run(step, capture_output=True, text=True, timeout=timeout)
+                result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
             except (OSError, subprocess.TimeoutExpired) as error:
-                raise MXNetUnavailable(f"{step[2]} failed: {error}") from None
+                raise MXNetUnavailable(f"{name} failed: {error}") from None
             if result.returncode:
-                reason = _last_line(result.stderr + result.stdout)
-                raise MXNetUnavailable(f"{' '.join(step[1:4])} failed: {reason}")
+                raise MXNetUnavailable(f"{name} failed: {_last_line(result.stderr + result.stdout)}")
         done.write_text(" ".join(REQUIREMENTS) + "\n")
     return python
 
