@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 
+import cv2
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -10,7 +11,9 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sequ
 
 
 def seed_worker(worker_id):
-    """Seed numpy's and Python's global generators from the worker's torch seed (set by the DataLoader)."""
+    """Seed numpy's and Python's global generators from the worker's torch seed (set by the DataLoader);
+    one OpenCV thread per worker (the workers are the parallelism)."""
+    cv2.setNumThreads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
