@@ -31,6 +31,7 @@ autograd on the tiny (N, C) statistic graph turns these into the parameter gradi
 per-(n, c) coefficients of ``dx = g * a + x * c2 + c1`` (two in-place passes). Only ``x`` is saved.
 """
 
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -216,7 +217,9 @@ class _SwitchNormBase(nn.Module):
     @torch.no_grad()
     def _update_running_stats(self, mean_bn: torch.Tensor, var_bn: torch.Tensor) -> None:
         self.num_batches_tracked.add_(1)
-        rate = self.momentum if self.using_moving_average else 1.0 / self.num_batches_tracked.item()
+        rate = self.momentum
+        if not self.using_moving_average:  # cumulative average; a tensor rate avoids a device sync
+            rate = self.num_batches_tracked.reciprocal().to(self.running_mean.dtype)
         self.running_mean.lerp_(mean_bn.detach().reshape(-1).to(self.running_mean.dtype), rate)
         self.running_var.lerp_(var_bn.detach().reshape(-1).to(self.running_var.dtype), rate)
 
@@ -275,19 +278,32 @@ class SwitchNorm2d(_SwitchNormBase):
             means.append(mean_bn.to(mean_in.dtype))
             variances.append(var_bn.to(mean_in.dtype))
         mean_w, var_w = mean_weight.softmax(0), var_weight.softmax(0)
-        mean = sum(w * t for w, t in zip(mean_w, means))
-        var = sum(w * t for w, t in zip(var_w, variances))
+        mean = sum(mean_w[k] * t for k, t in enumerate(means))
+        var = sum(var_w[k] * t for k, t in enumerate(variances))
         scale = weight * torch.rsqrt(var + self.eps)
         return scale, bias - mean * scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        params = (self.weight, self.bias, self.mean_weight, self.var_weight)
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            return self._forward_traceable(x, params)
         if x.dim() != 4 or x.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}: expected input (N, {self.num_features}, H, W), got {tuple(x.shape)}"
             )
-        return _SwitchNorm2dFunction.apply(
-            x, self._scale_shift, self.weight, self.bias, self.mean_weight, self.var_weight
-        )
+        return _SwitchNorm2dFunction.apply(x, self._scale_shift, *params)
+
+    def _forward_traceable(self, x, params):
+        """The same function in plain autograd ops, for tracing (ONNX/TorchScript export, torch.compile)."""
+        with torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
+            # H * W becomes a trace-time constant (exports fix H and W): silence the tracer's note on it.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            xc = x.to(_compute_dtype(x.dtype))
+            var, mean = torch.var_mean(xc, dim=(2, 3), correction=0)
+            params = [p.to(xc.dtype) for p in params]
+            a, b = self._scale_shift(mean, var, *params, spatial=int(x.shape[2] * x.shape[3]))
+            y = xc * a[..., None, None] + b[..., None, None]
+        return y.to(x.dtype)
 
 
 class SyncSwitchNorm2d(SwitchNorm2d):
@@ -329,9 +345,11 @@ class SwitchNorm1d(_SwitchNormBase):
         super().__init__(num_features, terms, eps, momentum, using_moving_average)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2 or x.shape[1] != self.num_features:
+        if not torch.jit.is_tracing() and (x.dim() != 2 or x.shape[1] != self.num_features):
             raise ValueError(f"SwitchNorm1d: expected input (N, {self.num_features}), got {tuple(x.shape)}")
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
+            # When tracing (export), N and C are trace-time constants: silence the tracer's note on them.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
             xc = x.to(_compute_dtype(x.dtype))
             means, variances = [xc.mean(1, keepdim=True)], [_unbiased_var(xc, 1)]
             if self.using_bn:
@@ -340,8 +358,8 @@ class SwitchNorm1d(_SwitchNormBase):
                 variances.append(var_bn.to(xc.dtype))
             mean_w = self.mean_weight.to(xc.dtype).softmax(0)
             var_w = self.var_weight.to(xc.dtype).softmax(0)
-            mean = sum(w * t for w, t in zip(mean_w, means))
-            var = sum(w * t for w, t in zip(var_w, variances))
+            mean = sum(mean_w[k] * t for k, t in enumerate(means))
+            var = sum(var_w[k] * t for k, t in enumerate(variances))
             scale = self.weight.to(xc.dtype) * torch.rsqrt(var + self.eps)
             y = (xc - mean) * scale + self.bias.to(xc.dtype)
         return y.to(x.dtype)

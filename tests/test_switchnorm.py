@@ -447,3 +447,42 @@ def test_bench_norm_quick_runs():
         check=True,
     ).stdout
     assert "SN/BN" in out and "(8, 64, 28, 28)" in out and "worst SN/BN time" in out
+
+
+def test_onnx_export_matches(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3), randomise(SwitchNorm2d(6)), nn.Flatten(), SwitchNorm1d(6 * 6 * 6)
+    )
+    for seed in range(3):
+        model(make_x((4, 3, 8, 8), seed=seed))
+    model.eval()
+    path = tmp_path / "sn.onnx"
+    with pytest.warns(DeprecationWarning):  # the TorchScript-based exporter, as facerec.export uses
+        torch.onnx.export(
+            model,
+            (make_x((2, 3, 8, 8)),),
+            str(path),
+            input_names=["input"],
+            dynamo=False,
+            dynamic_axes={"input": {0: "batch"}},
+            opset_version=17,
+        )
+    x = make_x((5, 3, 8, 8), seed=11)
+    (y_onnx,) = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(y_onnx), model(x).detach(), atol=2e-5, rtol=1e-5)
+
+
+def test_inference_mode_and_no_grad_match():
+    layer = randomise(SwitchNorm2d(4))
+    layer(make_x((3, 4, 5, 5)))
+    layer.eval()
+    x = make_x((2, 4, 5, 5), seed=2)
+    with torch.inference_mode():
+        y = layer(x)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), y)
+    assert not y.requires_grad
+    check_against_reference(layer, x, ref_sn2d, running=(layer.running_mean, layer.running_var))
