@@ -227,7 +227,10 @@ class Trainer:
             self._say(f"warning: global batch changed from {state['global_batch']} to {self.global_batch} "
                       f"({state['world_size']} -> {self.info.world_size} processes); continuing at batch "
                       f"{self.batch} of epoch {self.epoch}; the learning rate is not rescaled")
-        self.schedule.load_state_dict(state["schedule"])  # the groups' current lr came with the optimizer
+        self.schedule.load_state_dict(state["schedule"])
+        factor = self.schedule.lr_lambdas[0](self.step)  # this step's lr, also if the total steps changed
+        for group, base in zip(self.optimizer.param_groups, self.schedule.base_lrs):
+            group["lr"] = base * factor
         self.best = state.get("best", {})
         if state["world_size"] == self.info.world_size:
             ckpt.set_rng_state(state["rng"][self.info.rank])
