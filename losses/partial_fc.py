@@ -12,7 +12,8 @@ learning rate or the loss accordingly if the difference matters.
 
 Sampling (``sample_rate < 1``, training mode with gradients enabled): each step keeps every class of its
 shard that is a target in the global batch plus random other classes, ``max(int(sample_rate *
-shard_size), positives)`` rows in all.  Logits, loss and gradients involve only those rows.  So that an
+shard_size), positives)`` rows in all.  Logits, loss and gradients involve only those rows (the
+weight's gradient is a sparse tensor holding just those rows; GradScaler handles it).  So that an
 ordinary torch optimizer (SGD with momentum, AdamW, ...) updates *only* those rows, call
 :meth:`PartialFC.attach_optimizer` once: during each ``optimizer.step()`` the weight, its gradient and
 every per-element optimizer state tensor (momentum buffer, Adam moments) are swapped for their sampled
@@ -146,7 +147,7 @@ class PartialFC(nn.Module):
         weight = self.weight
         if self.sampling and self.training and torch.is_grad_enabled():
             index, local = self._sample(local)
-            weight = self.weight[index]
+            weight = F.embedding(index, self.weight, sparse=True)  # sparse gradient: sampled rows only
         cosine = F.linear(F.normalize(embeddings), F.normalize(weight))
         with torch.autocast(device_type=cosine.device.type, enabled=False):
             logits = self.head(cosine.float(), local).float()
@@ -193,14 +194,21 @@ class PartialFC(nn.Module):
 
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
-        p, index = self.weight, self.sampled_index
-        if index is None or p.grad is None:
+        p, index, grad = self.weight, self.sampled_index, self.weight.grad
+        if index is None or grad is None:
             return
+        if grad.is_sparse:  # rows of the sampled forward passes (+ any left from earlier backward passes)
+            grad = grad.coalesce()
+            index = torch.unique(torch.cat([index, grad.indices()[0]]))
+            rows = torch.searchsorted(index, grad.indices()[0])
+            sub_grad = grad.values().new_zeros(index.numel(), p.shape[1]).index_add_(0, rows, grad.values())
+        else:
+            sub_grad = grad[index]
         state = optimizer.state.get(p, {})
         full_state = {k: v for k, v in state.items() if torch.is_tensor(v) and v.shape == p.shape}
         self._swapped = {"index": index, "data": p.data, "grad": p.grad, "state": full_state}
         p.data = p.data[index]
-        p.grad = p.grad[index]
+        p.grad = sub_grad
         for key, value in full_state.items():
             state[key] = value[index]
 

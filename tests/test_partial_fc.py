@@ -1,6 +1,9 @@
 """Partial FC: equality with a plain full classifier (1 and 2 gloo processes), sampling and its optimizer
 coupling, world-size independent state dicts."""
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -207,10 +210,12 @@ def test_sampled_loss_and_gradients_equal_a_classifier_over_the_sampled_rows():
         weight[index], embeddings.detach(), sub_labels, pfc.head)
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(embeddings.grad, ref_emb_grad)
-    torch.testing.assert_close(pfc.weight.grad[index], ref_sub_grad)
+    assert pfc.weight.grad.is_sparse  # only the sampled rows carry a gradient
+    grad = pfc.weight.grad.to_dense()
+    torch.testing.assert_close(grad[index], ref_sub_grad)
     rest = torch.ones(50, dtype=torch.bool)
     rest[index] = False
-    assert torch.all(pfc.weight.grad[rest] == 0)
+    assert torch.all(grad[rest] == 0)
 
 
 def test_sampling_needs_the_optimizer_and_is_off_in_eval():
@@ -261,3 +266,29 @@ def test_shard_range_is_balanced_and_contiguous():
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         sizes = [e - s for s, e in ranges]
         assert max(sizes) - min(sizes) <= 1
+
+
+def test_sampled_steps_work_with_a_grad_scaler():
+    """fp16-style loss scaling: GradScaler unscales the sparse gradient; same weights as unscaled."""
+
+    def train(enabled):
+        pfc, opt = _sampled_setup()
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=enabled)
+        for i in range(3):
+            opt.zero_grad(set_to_none=True)
+            torch.manual_seed(100 + i)
+            loss = pfc(torch.randn(4, D), torch.tensor([1, 2, 3, 4 + i]))
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        return pfc.weight.detach()
+
+    torch.testing.assert_close(train(True), train(False))
+
+
+def test_bench_heads_quick_runs():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_heads.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "sample_rate" in result.stdout and "0.10" in result.stdout and "1.00" in result.stdout
