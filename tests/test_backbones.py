@@ -111,17 +111,17 @@ def test_last_gamma_blocks_start_as_identity():
         assert torch.equal(block(x), x)
 
 
-def test_dropout_active_in_training_only():
-    torch.manual_seed(0)
-    model = build_backbone("iresnet18", norm="gn", dropout=0.5, **TINY)
-    assert model.dropout.p == 0.5
+@pytest.mark.parametrize("name", ["iresnet18", "resnet18"])
+def test_dropout_active_in_training_only(name):
     x = torch.randn(2, 3, 32, 32)
-    model.train()
-    assert not torch.equal(model.fc(model.dropout(torch.ones(2, model.fc.in_features))),
-                           model.fc(torch.ones(2, model.fc.in_features)))
-    model.eval()
-    with torch.no_grad():
-        assert torch.equal(model(x), model(x))
+    for p, differs in ((0.5, True), (0.0, False)):
+        torch.manual_seed(0)
+        model = build_backbone(name, norm="gn", dropout=p, **TINY).train()  # gn: no batch statistics
+        assert model.dropout.p == p
+        assert (not torch.equal(model(x), model(x))) == differs
+        model.eval()
+        with torch.no_grad():
+            assert torch.equal(model(x), model(x))
 
 
 @pytest.mark.parametrize("name", ["iresnet18", "resnet18"])
