@@ -7,8 +7,8 @@ margin head and a softmax cross-entropy whose max, exp-sum and target logit are 
 with all-reduces.  The loss is the mean over the global batch and its gradients are exact: each rank's
 embeddings receive d(loss)/d(embedding) of the global loss, each shard d(loss)/d(its centres).
 Note: DistributedDataParallel *averages* backbone gradients over the W processes, so a DDP backbone
-trained with this loss gets 1/W of that gradient (the usual per-process-mean convention); scale the
-learning rate or the loss accordingly if the difference matters.
+trained with this loss would get 1/W of the global-mean gradient; register a communication hook that
+sums instead (as facerec's training loop does) to get exactly the gradient of this loss.
 
 Sampling (``sample_rate < 1``, training mode with gradients enabled): each step keeps every class of its
 shard that is a target in the global batch plus random other classes, ``max(int(sample_rate *
