@@ -70,11 +70,14 @@ def _worker(rank, world, out_dir):
         pfc.attach_optimizer(opt)
         batch_labels = torch.tensor([[1, 25, 26], [30, 2, 39]])
         before = pfc.weight.detach().clone()
-        pfc(torch.randn(3, D), batch_labels[rank]).backward()
+        emb = torch.randn(3, D, requires_grad=True)
+        loss = pfc(emb, batch_labels[rank])
+        loss.backward()
         sampled = pfc.sampled_index.clone()
         opt.step()
         changed = torch.nonzero((pfc.weight.detach() != before).any(1)).squeeze(1)
         results["sampled"] = (sampled, changed, (pfc.class_start, pfc.class_end))
+        results["sampled_step"] = (before, emb.detach(), loss.detach(), emb.grad)
         state = pfc.state_dict()  # collective
         results["state"] = state["weight"]
         torch.save(results, f"{out_dir}/rank{rank}.pt")
@@ -135,6 +138,18 @@ def test_two_processes_equal_full_classifier_and_state_dict_round_trip(tmp_path)
         assert sampled.numel() == max(int(0.25 * 20), len(positives[rank]))
         assert positives[rank] <= set(sampled.tolist())
         assert set(changed.tolist()) <= set(sampled.tolist())
+
+    # the sampled loss and embedding gradients are those of a full classifier over the sampled rows
+    before0, emb0, loss0, emb_grad0 = ranks[0]["sampled_step"]
+    before1, emb_grad1 = ranks[1]["sampled_step"][0], ranks[1]["sampled_step"][3]
+    rows = torch.cat([ranks[0]["sampled"][0], ranks[1]["sampled"][0] + 20])
+    weight = torch.cat([before0, before1])[rows]
+    global_labels = torch.searchsorted(rows, torch.tensor([1, 25, 26, 30, 2, 39]))
+    ref_loss, ref_emb_grad, _ = full_classifier(
+        weight, torch.cat([emb0, ranks[1]["sampled_step"][1]]), global_labels, ArcFace())
+    torch.testing.assert_close(loss0, ref_loss)
+    torch.testing.assert_close(ranks[1]["sampled_step"][2], ref_loss)
+    torch.testing.assert_close(torch.cat([emb_grad0, emb_grad1]), ref_emb_grad)
 
     # world-size independent state dict: saved by 2 processes, loaded and saved by 1, loaded by 2
     saved2 = torch.load(tmp_path / "world2.pt", weights_only=True)
