@@ -32,7 +32,7 @@ per-(n, c) coefficients of ``dx = g * a + x * c2 + c1`` (two in-place passes). O
 """
 
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,25 @@ _HARD_OFF = -1.0e4
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@contextmanager
+def _one_thread(device: torch.device):
+    """Run the tiny (N, C) statistic ops on one CPU thread.
+
+    They are latency-bound: at N * C >= 32768 PyTorch splits each of them across threads, and the
+    per-op synchronisation then costs more than the work (far more on a busy machine). The setting is
+    per calling thread (OpenMP) and restored on exit.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _unbiased_var(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -66,39 +85,56 @@ def _instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, sxs, sx = torch.ops.aten.native_batch_norm_backward(
             xv, xv, None, None, None, shift, torch.ones_like(shift), True, 0.0, [False, True, True]
         )
-        mean = sx / spatial
-        # sum((x - mean)^2) = sum(x * (x - shift)) - sum(x) * (mean - shift)
-        var = (sxs - sx * (mean - shift)).div_(spatial).clamp_min_(0)
+        with _one_thread(x.device):
+            mean = sx / spatial
+            # sum((x - mean)^2) = sum(x * (x - shift)) - sum(x) * (mean - shift)
+            var = (sxs - sx * (mean - shift)).div_(spatial).clamp_min_(0)
         return mean.view(n, c), var.view(n, c)
     var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
     return mean, var
 
 
+def _mix(weights: torch.Tensor, terms: list) -> torch.Tensor:
+    """sum_k weights[k] * terms[k]; terms[0] is (N, C), the others broadcast to it."""
+    rest = sum(weights[k] * terms[k] for k in range(1, len(terms)))
+    return torch.addcmul(rest, terms[0], weights[0])
+
+
+def _dots(grads: list, terms: list) -> torch.Tensor:
+    """Vector of sum(grads[k] * terms[k]): the gradient of a mixture w.r.t. its weights."""
+    return torch.stack([(g * t).sum() for g, t in zip(grads, terms)])
+
+
+def _softmax_backward(weights: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return weights * (grad - (weights * grad).sum())
+
+
 class _SwitchNorm2dFunction(torch.autograd.Function):
-    """y = x * a + b with per-(n, c) ``a, b = scale_shift(mean, var, *params)`` built from x's moments."""
+    """y = x * a + b with per-(n, c) ``a, b`` from ``layer._scale_shift`` over x's per-(n, c) moments."""
 
     @staticmethod
-    def forward(ctx, x, scale_shift, *params):
+    def forward(ctx, x, layer, *params):
+        needs_grad = any(ctx.needs_input_grad)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(_compute_dtype(x.dtype))
             n, c = x.shape[:2]
             mean, var = _instance_moments(xc)
-            needs_grad = any(ctx.needs_input_grad)
-            with torch.enable_grad() if needs_grad else nullcontext():
-                leaves = [mean.requires_grad_(needs_grad), var.requires_grad_(needs_grad)]
-                leaves += [p.detach().to(xc.dtype).requires_grad_(p.requires_grad) for p in params]
-                a, b = scale_shift(*leaves, spatial=x[0, 0].numel())
-            if xc.is_contiguous():
+            params = [p.detach().to(xc.dtype) for p in params]
+            with _one_thread(x.device):
+                a, b, saved = layer._scale_shift(
+                    mean, var, *params, spatial=x[0, 0].numel(), bn_graph=needs_grad
+                )
+            if xc.is_contiguous():  # x * a + b in one pass: eval-mode BN forward with unit statistics
                 xv = xc.view(1, n * c, -1)
                 y = torch.native_batch_norm(
-                    xv, a.detach().view(-1), b.detach().view(-1), torch.zeros_like(mean).view(-1),
+                    xv, a.view(-1), b.view(-1), torch.zeros_like(mean).view(-1),
                     torch.ones_like(mean).view(-1), False, 0.0, 0.0,
                 )[0].view_as(x)
             else:
-                y = torch.addcmul(b.detach()[..., None, None], xc, a.detach()[..., None, None])
+                y = torch.addcmul(b[..., None, None], xc, a[..., None, None])
         if needs_grad:
             ctx.save_for_backward(x)
-            ctx.graph = (a, b, leaves)
+            ctx.layer, ctx.stats = layer, (mean, a, saved)
             ctx.param_dtypes = [p.dtype for p in params]
         return y.to(x.dtype)
 
@@ -106,11 +142,10 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        a, b, leaves = ctx.graph
+        mean, a, saved = ctx.stats
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(a.dtype)
             g = grad.to(a.dtype)
-            mean = leaves[0]
             n, c = x.shape[:2]
             spatial = x[0, 0].numel()
             fused = xc.is_contiguous()
@@ -119,34 +154,33 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
                 xv, gv = xc.view(1, n * c, -1), g.view(1, n * c, -1)
                 # sum(g * (x - mean)) and sum(g) per (n, c) in one pass (BN backward's reductions).
                 _, sgxc, sg = torch.ops.aten.native_batch_norm_backward(
-                    gv, xv, None, None, None, mean.detach().view(-1), torch.ones_like(mean).view(-1),
+                    gv, xv, None, None, None, mean.view(-1), torch.ones_like(mean).view(-1),
                     True, 0.0, [False, True, True],
                 )
                 sgxc, sg = sgxc.view(n, c), sg.view(n, c)
             else:
-                centred = xc - mean.detach()[..., None, None]
-                sgxc, sg = (g * centred).sum((2, 3)), g.sum((2, 3))
-            grad_a = sgxc + mean.detach() * sg  # d loss / d a = sum(g * x)
-            wanted = [leaf for leaf in leaves if leaf.requires_grad]
-            found = torch.autograd.grad((a, b), wanted, (grad_a, sg), retain_graph=True, allow_unused=True)
-            grads = dict(zip(map(id, wanted), found))
-            leaf_grads = [grads.get(id(leaf)) for leaf in leaves]
+                sgxc, sg = (g * (xc - mean[..., None, None])).sum((2, 3)), g.sum((2, 3))
+            with _one_thread(x.device):
+                grad_a = torch.addcmul(sgxc, mean, sg)  # d loss / d a = sum(g * x)
+                d_mean, d_var, *param_grads = ctx.layer._scale_shift_backward(grad_a, sg, a, saved)
+                c2 = d_var * (2.0 / spatial)  # d var / d x = 2 (x - mean) / L
+                c1 = torch.addcmul(d_mean / spatial, c2, mean, value=-1)
             dx_out = None
             if ctx.needs_input_grad[0]:
-                d_mean, d_var = (torch.zeros_like(mean) if t is None else t for t in leaf_grads[:2])
-                c2 = d_var * (2.0 / spatial)  # d var / d x = 2 (x - mean) / L
-                c1 = d_mean / spatial - c2 * mean.detach()
                 if fused:  # x * c2 + c1 in one pass (eval-mode BN forward with unit stats), then + g * a
                     dx = torch.native_batch_norm(
                         xv, c2.view(-1), c1.view(-1), torch.zeros_like(c1).view(-1),
                         torch.ones_like(c1).view(-1), False, 0.0, 0.0,
                     )[0].view_as(xc)
-                    dx.addcmul_(g, a.detach()[..., None, None])
+                    dx.addcmul_(g, a[..., None, None])
                 else:
                     dx = torch.addcmul(c1[..., None, None], xc, c2[..., None, None])
-                    dx.addcmul_(g, a.detach()[..., None, None])
+                    dx.addcmul_(g, a[..., None, None])
                 dx_out = dx.to(x.dtype)
-        param_grads = [None if t is None else t.to(dt) for t, dt in zip(leaf_grads[2:], ctx.param_dtypes)]
+        param_grads = [
+            t.to(dt) if needed else None
+            for t, dt, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[2:])
+        ]
         return (dx_out, None, *param_grads)
 
 
@@ -266,22 +300,74 @@ class SwitchNorm2d(_SwitchNormBase):
         var_bn = var_in.mean(0, keepdim=True) + (mean_in - mean_bn).square().mean(0, keepdim=True)
         return mean_bn, var_bn
 
-    def _scale_shift(self, mean_in, var_biased, weight, bias, mean_weight, var_weight, *, spatial):
-        """Per-(n, c) scale ``a`` and shift ``b`` of the output ``x * a + b`` (tiny (N, C) tensors)."""
-        var_in = var_biased * (spatial / (spatial - 1)) if spatial > 1 else torch.zeros_like(var_biased)
-        mean_ln = mean_in.mean(1, keepdim=True)
-        # mean_C(var_in + mean_in^2) - mean_ln^2, written without cancellation.
-        var_ln = var_in.mean(1, keepdim=True) + (mean_in - mean_ln).square().mean(1, keepdim=True)
-        means, variances = [mean_in, mean_ln], [var_in, var_ln]
+    def _scale_shift(self, mean_in, var_biased, weight, bias, mean_weight, var_weight, *, spatial,
+                     bn_graph=False):
+        """Per-(n, c) scale ``a`` and shift ``b`` of the output ``x * a + b`` (tiny (N, C) tensors).
+
+        Built from the (N, C) per-instance mean and biased variance; differentiable with autograd (the
+        traceable path), while the fused path runs it without a graph and calls ``_scale_shift_backward``
+        with the returned intermediates. ``bn_graph``: record autograd for the BN term only (it may hold
+        a cross-process all-reduce, whose gradient must flow through its own backward).
+        """
+        factor = spatial / (spatial - 1) if spatial > 1 else 0.0  # unbiased IN variance; 0 when L = 1
+        var_in = var_biased * factor
+        spread_ln, mean_ln = torch.var_mean(mean_in, 1, keepdim=True, correction=0)
+        # var_ln = mean_C(var_in + mean_in^2) - mean_ln^2, written without cancellation.
+        var_ln = var_in.mean(1, keepdim=True) + spread_ln
+        means, variances, bn_leaves = [mean_in, mean_ln], [var_in, var_ln], None
         if self.using_bn:
-            mean_bn, var_bn = self._bn_term(lambda: self._batch_stats(mean_in, var_in))
-            means.append(mean_bn.to(mean_in.dtype))
-            variances.append(var_bn.to(mean_in.dtype))
+            if not self.training:
+                mean_bn = self.running_mean.to(mean_in.dtype).view(1, -1)
+                var_bn = self.running_var.to(mean_in.dtype).view(1, -1)
+            elif bn_graph:
+                with torch.enable_grad():
+                    bn_leaves = (mean_in.detach().requires_grad_(), var_in.detach().requires_grad_())
+                    mean_bn, var_bn = self._batch_stats(*bn_leaves)
+                bn_leaves += (mean_bn, var_bn)
+                mean_bn, var_bn = mean_bn.detach(), var_bn.detach()
+            else:
+                mean_bn, var_bn = self._batch_stats(mean_in, var_in)
+            if self.training:
+                self._update_running_stats(mean_bn, var_bn)
+            means.append(mean_bn)
+            variances.append(var_bn)
         mean_w, var_w = mean_weight.softmax(0), var_weight.softmax(0)
-        mean = sum(mean_w[k] * t for k, t in enumerate(means))
-        var = sum(var_w[k] * t for k, t in enumerate(variances))
-        scale = weight * torch.rsqrt(var + self.eps)
-        return scale, bias - mean * scale
+        mean, var = _mix(mean_w, means), _mix(var_w, variances)
+        rstd = torch.rsqrt(var + self.eps)
+        scale = weight * rstd
+        shift = torch.addcmul(bias, mean, scale, value=-1)
+        return scale, shift, (means, variances, mean_w, var_w, mean, rstd, factor, bn_leaves)
+
+    @staticmethod
+    def _scale_shift_backward(grad_scale, grad_shift, scale, saved):
+        """Gradients of ``_scale_shift``: (mean_in, var_biased, weight, bias, mean_weight, var_weight)."""
+        means, variances, mean_w, var_w, mean, rstd, factor, bn_leaves = saved
+        c = grad_scale.shape[1]
+        g_mean = grad_shift * scale
+        g_mean.neg_()
+        g_scale = torch.addcmul(grad_scale, grad_shift, mean, value=-1)
+        d_weight = (g_scale * rstd).sum(0)
+        d_bias = grad_shift.sum(0)
+        g_var = g_scale * scale
+        g_var.mul_(rstd).mul_(rstd).mul_(-0.5)  # d rstd / d var = -rstd^3 / 2
+        # each mixture term's gradient, reduced to that term's shape: (N, C), (N, 1) LN, (1, C) BN
+        g_means = [g_mean, g_mean.sum(1, keepdim=True), g_mean.sum(0, keepdim=True)][: len(means)]
+        g_vars = [g_var, g_var.sum(1, keepdim=True), g_var.sum(0, keepdim=True)][: len(variances)]
+        d_mean_weight = _softmax_backward(mean_w, _dots(g_means, means))
+        d_var_weight = _softmax_backward(var_w, _dots(g_vars, variances))
+        # IN term, then LN: mean_ln = mean_C(mean_in), var_ln = mean_C(var_in + (mean_in - mean_ln)^2)
+        d_var_ln = g_vars[1] * var_w[1]
+        d_mean_in = torch.addcmul(g_means[1] * (mean_w[1] / c), g_mean, mean_w[0])
+        d_mean_in.addcmul_(means[0] - means[1], d_var_ln, value=2.0 / c)
+        d_var_in = torch.addcmul(d_var_ln / c, g_var, var_w[0])
+        if bn_leaves is not None:  # BN term of a training batch: autograd through _batch_stats
+            leaves, outputs = bn_leaves[:2], bn_leaves[2:]
+            d_mean_bn, d_var_bn = torch.autograd.grad(
+                outputs, leaves, (g_means[2] * mean_w[2], g_vars[2] * var_w[2]), retain_graph=True
+            )
+            d_mean_in.add_(d_mean_bn)
+            d_var_in.add_(d_var_bn)
+        return d_mean_in, d_var_in.mul_(factor), d_weight, d_bias, d_mean_weight, d_var_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = (self.weight, self.bias, self.mean_weight, self.var_weight)
@@ -291,7 +377,7 @@ class SwitchNorm2d(_SwitchNormBase):
             raise ValueError(
                 f"{type(self).__name__}: expected input (N, {self.num_features}, H, W), got {tuple(x.shape)}"
             )
-        return _SwitchNorm2dFunction.apply(x, self._scale_shift, *params)
+        return _SwitchNorm2dFunction.apply(x, self, *params)
 
     def _forward_traceable(self, x, params):
         """The same function in plain autograd ops, for tracing (ONNX/TorchScript export, torch.compile)."""
@@ -301,7 +387,7 @@ class SwitchNorm2d(_SwitchNormBase):
             xc = x.to(_compute_dtype(x.dtype))
             var, mean = torch.var_mean(xc, dim=(2, 3), correction=0)
             params = [p.to(xc.dtype) for p in params]
-            a, b = self._scale_shift(mean, var, *params, spatial=int(x.shape[2] * x.shape[3]))
+            a, b, _ = self._scale_shift(mean, var, *params, spatial=int(x.shape[2] * x.shape[3]))
             y = xc * a[..., None, None] + b[..., None, None]
         return y.to(x.dtype)
 
