@@ -1,0 +1,184 @@
+"""Training-step cost of Switchable Normalization against BatchNorm, side by side in one run.
+
+One step = forward + backward + SGD step of an IResNet with a Partial FC ArcFace head (1,000 classes)
+on a fixed random batch, as ``facerec.train`` does it. SN and BN steps alternate (so machine load
+hits both alike) and medians are compared; target: SN/BN <= 1.15. Peak memory of each is measured in
+its own subprocess (CPU: peak RSS growth over the process's state before building the model, via
+``resource.getrusage``; CUDA: ``torch.cuda.max_memory_allocated``).
+
+    python benchmarks/bench_train.py                       # iresnet50, batch 16, 112x112, CPU
+    python benchmarks/bench_train.py --device cuda         # + images/s, bf16, channels-last, batch 128
+    python benchmarks/bench_train.py --quick               # smoke run (iresnet18, batch 4, 64x64)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from backbones import build_backbone  # noqa: E402
+from facerec.config import load_config  # noqa: E402
+from facerec.optim import build_optimizer, param_groups  # noqa: E402
+from losses import build_head  # noqa: E402
+
+NUM_CLASSES = 1000
+
+
+def make_step(norm: str, args, batch: int, precision: str = "off", channels_last: bool = False):
+    """A closure running one training step of ``args.model`` with ``norm`` on a fixed batch."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    backbone = build_backbone(args.model, norm=norm, input_size=args.input_size).to(device)
+    head = build_head({"type": "arcface"}, embedding_size=512, num_classes=NUM_CLASSES).to(device)
+    if channels_last:
+        backbone = backbone.to(memory_format=torch.channels_last)
+    optim_cfg = load_config(None)["optim"]
+    optimizer = build_optimizer(param_groups(backbone, head, optim_cfg), optim_cfg)
+    images = torch.randn(batch, 3, args.input_size, args.input_size, device=device)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            embeddings = backbone(images)
+        loss = head(embeddings.float(), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
+        optimizer.step()
+
+    return step
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_alternating(steps: dict, device: str, warmup: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per step for each entry of ``steps``, alternating the entries every repeat."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def memory_of(norm: str, args, batch: int, precision: str, channels_last: bool) -> dict:
+    """Peak memory of a few training steps with ``norm``, measured in a fresh subprocess."""
+    command = [sys.executable, __file__, "--measure-memory", norm, "--model", args.model, "--device",
+               args.device, "--input-size", str(args.input_size), "--batch", str(batch), "--precision",
+               precision, "--threads", str(args.threads)] + (["--channels-last"] if channels_last else [])
+    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so imports do not count as the step's peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory(args) -> None:
+    """Subprocess mode: run 3 steps, print peak memory (MiB) as JSON."""
+    before_kib = _status_kib("VmRSS")
+    if not (_reset_peak_rss() and before_kib):  # fallback: peak since start, imports included
+        before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step = make_step(args.measure_memory, args, args.batch, args.precision, args.channels_last)
+    for _ in range(3):
+        step()
+    sync(args.device)
+    peak_kib = max(_status_kib("VmHWM") or 0, 0) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"rss_growth_mib": (peak_kib - before_kib) / 1024, "peak_rss_mib": peak_kib / 1024}
+    if args.device == "cuda":
+        out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    print(json.dumps(out))
+
+
+def compare(args, batch: int, precision: str, channels_last: bool, label: str) -> None:
+    steps = {norm: make_step(norm, args, batch, precision, channels_last) for norm in ("bn", "sn")}
+    times = timed_alternating(steps, args.device, args.warmup, args.repeats)
+    med = {norm: statistics.median(t) for norm, t in times.items()}
+    memory = {norm: memory_of(norm, args, batch, precision, channels_last) for norm in ("bn", "sn")}
+    print(f"\n{label}: {args.model}, batch {batch}, {args.input_size}x{args.input_size}, "
+          f"precision {precision}{', channels-last' if channels_last else ''}, "
+          f"{args.repeats} alternating repeats (medians)")
+    for norm in ("bn", "sn"):
+        mem = memory[norm]
+        mem_text = (f"cuda peak {mem['cuda_peak_mib']:.0f} MiB" if "cuda_peak_mib" in mem else
+                    f"peak RSS growth {mem['rss_growth_mib']:.0f} MiB "
+                    f"(peak RSS {mem['peak_rss_mib']:.0f} MiB)")
+        print(f"  {norm.upper()}: {med[norm] * 1000:8.1f} ms/step  {batch / med[norm]:8.1f} images/s  "
+              f"{mem_text}")
+    ratio = med["sn"] / med["bn"]
+    key = "cuda_peak_mib" if args.device == "cuda" else "rss_growth_mib"
+    mem_ratio = memory["sn"][key] / max(memory["bn"][key], 1e-9)
+    print(f"  SN/BN step time: {ratio:.3f} (target <= 1.15: {'met' if ratio <= 1.15 else 'NOT met'}); "
+          f"SN/BN peak memory: {mem_ratio:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--model", default=None, help="backbone (default iresnet50; --quick: iresnet18)")
+    parser.add_argument("--batch", type=int, default=None, help="CPU batch (default 16; --quick: 4)")
+    parser.add_argument("--input-size", type=int, default=None, help="default 112 (--quick: 64)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per norm (default 10)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--measure-memory", choices=("bn", "sn"), help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="off", help=argparse.SUPPRESS)
+    parser.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.model = args.model or ("iresnet18" if args.quick else "iresnet50")
+    args.batch = args.batch or (4 if args.quick else 16)
+    args.input_size = args.input_size or (64 if args.quick else 112)
+    args.repeats = args.repeats or (3 if args.quick else 10)
+    args.warmup = 1 if args.quick else args.warmup
+    torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device available")
+    if args.measure_memory:
+        measure_memory(args)
+        return
+    print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}")
+    compare(args, args.batch, "off", False, "training step")
+    if args.device == "cuda":
+        compare(args, 32 if args.quick else 128, "bf16", True, "throughput")
+
+
+if __name__ == "__main__":
+    main()
