@@ -28,7 +28,8 @@ Speed: SwitchNorm2d runs as one custom autograd function. Forward: per-(n, c) mo
 the IN/LN/BN mixture on tiny (N, C) tensors, then one fused ``y = x * a + b`` with per-(n, c) ``a, b``.
 Backward: one fused pass gives ``g * a`` with the per-(n, c) sums of ``g`` and ``g * (x - mean)``;
 autograd on the tiny (N, C) statistic graph turns these into the parameter gradients and the
-per-(n, c) coefficients of ``dx = g * a + x * c2 + c1`` (two in-place passes). Only ``x`` is saved.
+per-(n, c) coefficients of ``dx = g * a + x * c2 + c1`` (two passes). Saved for backward: ``x`` and
+the (N, C) statistics.
 """
 
 import warnings
@@ -133,16 +134,16 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
             else:
                 y = torch.addcmul(b[..., None, None], xc, a[..., None, None])
         if needs_grad:
-            ctx.save_for_backward(x)
-            ctx.layer, ctx.stats = layer, (mean, a, saved)
+            tensors, ctx.info = saved
+            ctx.save_for_backward(x, mean, a, *tensors)
+            ctx.layer = layer
             ctx.param_dtypes = [p.dtype for p in params]
         return y.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        mean, a, saved = ctx.stats
+        x, mean, a, *tensors = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(a.dtype)
             g = grad.to(a.dtype)
@@ -162,7 +163,8 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
                 sgxc, sg = (g * (xc - mean[..., None, None])).sum((2, 3)), g.sum((2, 3))
             with _one_thread(x.device):
                 grad_a = torch.addcmul(sgxc, mean, sg)  # d loss / d a = sum(g * x)
-                d_mean, d_var, *param_grads = ctx.layer._scale_shift_backward(grad_a, sg, a, saved)
+                backward = ctx.layer._scale_shift_backward
+                d_mean, d_var, *param_grads = backward(grad_a, sg, a, tensors, ctx.info)
                 c2 = d_var * (2.0 / spatial)  # d var / d x = 2 (x - mean) / L
                 c1 = torch.addcmul(d_mean / spatial, c2, mean, value=-1)
             dx_out = None
@@ -311,14 +313,15 @@ class SwitchNorm2d(_SwitchNormBase):
         """
         factor = spatial / (spatial - 1) if spatial > 1 else 0.0  # unbiased IN variance; 0 when L = 1
         var_in = var_biased * factor
-        spread_ln, mean_ln = torch.var_mean(mean_in, 1, keepdim=True, correction=0)
+        mean_ln = mean_in.mean(1, keepdim=True)
         # var_ln = mean_C(var_in + mean_in^2) - mean_ln^2, written without cancellation.
-        var_ln = var_in.mean(1, keepdim=True) + spread_ln
+        var_ln = var_in.mean(1, keepdim=True) + (mean_in - mean_ln).square().mean(1, keepdim=True)
         means, variances, bn_leaves = [mean_in, mean_ln], [var_in, var_ln], None
         if self.using_bn:
             if not self.training:
-                mean_bn = self.running_mean.to(mean_in.dtype).view(1, -1)
-                var_bn = self.running_var.to(mean_in.dtype).view(1, -1)
+                # copies: the running buffers may change before this graph's backward
+                mean_bn = self.running_mean.to(mean_in.dtype, copy=True).view(1, -1)
+                var_bn = self.running_var.to(mean_in.dtype, copy=True).view(1, -1)
             elif bn_graph:
                 with torch.enable_grad():
                     bn_leaves = (mean_in.detach().requires_grad_(), var_in.detach().requires_grad_())
@@ -336,12 +339,15 @@ class SwitchNorm2d(_SwitchNormBase):
         rstd = torch.rsqrt(var + self.eps)
         scale = weight * rstd
         shift = torch.addcmul(bias, mean, scale, value=-1)
-        return scale, shift, (means, variances, mean_w, var_w, mean, rstd, factor, bn_leaves)
+        return scale, shift, ((*means, *variances, mean_w, var_w, mean, rstd), (factor, bn_leaves))
 
     @staticmethod
-    def _scale_shift_backward(grad_scale, grad_shift, scale, saved):
+    def _scale_shift_backward(grad_scale, grad_shift, scale, tensors, info):
         """Gradients of ``_scale_shift``: (mean_in, var_biased, weight, bias, mean_weight, var_weight)."""
-        means, variances, mean_w, var_w, mean, rstd, factor, bn_leaves = saved
+        terms = (len(tensors) - 4) // 2
+        means, variances = tensors[:terms], tensors[terms : 2 * terms]
+        mean_w, var_w, mean, rstd = tensors[2 * terms :]
+        factor, bn_leaves = info
         c = grad_scale.shape[1]
         g_mean = grad_shift * scale
         g_mean.neg_()
