@@ -26,10 +26,11 @@ Conventions (all documented differences from the published code):
 
 Speed: SwitchNorm2d runs as one custom autograd function. Forward: per-(n, c) moments in one pass,
 the IN/LN/BN mixture on tiny (N, C) tensors, then one fused ``y = x * a + b`` with per-(n, c) ``a, b``.
-Backward: one fused pass gives ``g * a`` with the per-(n, c) sums of ``g`` and ``g * (x - mean)``;
-autograd on the tiny (N, C) statistic graph turns these into the parameter gradients and the
-per-(n, c) coefficients of ``dx = g * a + x * c2 + c1`` (two passes). Saved for backward: ``x`` and
-the (N, C) statistics.
+Backward: one pass gives the per-(n, c) sums of ``g`` and ``g * (x - mean)``; the hand-derived
+backward of the (N, C) statistic graph (autograd only for the BN term, which may hold the
+cross-process all-reduce) turns them into the parameter gradients and the per-(n, c) coefficients
+of ``dx = g * a + x * c2 + c1`` (two passes). Saved for backward: ``x`` and the (N, C) statistics.
+SyncSwitchNorm2d and the traceable path (ONNX/TorchScript export, torch.compile) reuse the same code.
 """
 
 import warnings
@@ -66,6 +67,16 @@ def _one_thread(device: torch.device):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _quiet_when_jit_tracing(fn, *args):
+    """``fn(*args)``, silencing TracerWarnings under torch.jit tracing (ONNX export): sizes such as H * W
+    become trace-time constants there, which is right since exports fix every size but the batch."""
+    if not torch.jit.is_tracing():
+        return fn(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return fn(*args)
 
 
 def _unbiased_var(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -378,7 +389,7 @@ class SwitchNorm2d(_SwitchNormBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = (self.weight, self.bias, self.mean_weight, self.var_weight)
         if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return self._forward_traceable(x, params)
+            return _quiet_when_jit_tracing(self._forward_traceable, x, params)
         if x.dim() != 4 or x.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}: expected input (N, {self.num_features}, H, W), got {tuple(x.shape)}"
@@ -387,9 +398,7 @@ class SwitchNorm2d(_SwitchNormBase):
 
     def _forward_traceable(self, x, params):
         """The same function in plain autograd ops, for tracing (ONNX/TorchScript export, torch.compile)."""
-        with torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
-            # H * W becomes a trace-time constant (exports fix H and W): silence the tracer's note on it.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with torch.autocast(x.device.type, enabled=False):
             xc = x.to(_compute_dtype(x.dtype))
             var, mean = torch.var_mean(xc, dim=(2, 3), correction=0)
             params = [p.to(xc.dtype) for p in params]
@@ -439,9 +448,10 @@ class SwitchNorm1d(_SwitchNormBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_tracing() and (x.dim() != 2 or x.shape[1] != self.num_features):
             raise ValueError(f"SwitchNorm1d: expected input (N, {self.num_features}), got {tuple(x.shape)}")
-        with torch.autocast(x.device.type, enabled=False), warnings.catch_warnings():
-            # When tracing (export), N and C are trace-time constants: silence the tracer's note on them.
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return _quiet_when_jit_tracing(self._forward, x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
             xc = x.to(_compute_dtype(x.dtype))
             means, variances = [xc.mean(1, keepdim=True)], [_unbiased_var(xc, 1)]
             if self.using_bn:

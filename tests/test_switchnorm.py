@@ -486,3 +486,23 @@ def test_inference_mode_and_no_grad_match():
         torch.testing.assert_close(layer(x), y)
     assert not y.requires_grad
     check_against_reference(layer, x, ref_sn2d, running=(layer.running_mean, layer.running_var))
+
+
+def test_hard_selected_layer_trains_without_mixture_gradients():
+    layer = hard_select(randomise(SwitchNorm2d(4), seed=5))
+    x = make_x((3, 4, 4, 4)).requires_grad_()
+    layer(x).square().sum().backward()
+    assert layer.mean_weight.grad is None and layer.var_weight.grad is None
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+
+
+def test_compiled_module_matches_reference():
+    layer = randomise(SwitchNorm2d(5))
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)  # runs the traceable path
+    check_against_reference(compiled, make_x((3, 5, 4, 6)), ref_sn2d)
+    compiled.eval()
+    check_against_reference(
+        compiled, make_x((2, 5, 4, 6), seed=3), ref_sn2d, running=(layer.running_mean, layer.running_var)
+    )
+    head = randomise(SwitchNorm1d(6))
+    check_against_reference(torch.compile(head, backend="eager", fullgraph=True), make_x((4, 6)), ref_sn1d)
