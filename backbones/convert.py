@@ -8,6 +8,10 @@ _DATA_PARALLEL_PREFIX = "module."
 _PUBLISHED_1D_BUFFERS = {"running_mean_bn": "running_mean", "running_var_bn": "running_var"}
 
 
+def _strip_wrapper(key: str) -> str:
+    return key[len(_DATA_PARALLEL_PREFIX) :] if key.startswith(_DATA_PARALLEL_PREFIX) else key
+
+
 def convert_published_sn(state_dict: dict, momentum: float | None = None) -> "OrderedDict[str, torch.Tensor]":
     """Return a new state dict with every published-layout SN layer reshaped to our layout.
 
@@ -26,12 +30,13 @@ def convert_published_sn(state_dict: dict, momentum: float | None = None) -> "Or
     """
     if momentum is not None and not 0.0 < momentum < 1.0:
         raise ValueError(f"momentum must be the published momentum in (0, 1), e.g. 0.9, got {momentum!r}")
-    out = OrderedDict()
-    for key, value in state_dict.items():
-        out[key[len(_DATA_PARALLEL_PREFIX):] if key.startswith(_DATA_PARALLEL_PREFIX) else key] = value
+    out = OrderedDict((_strip_wrapper(key), value) for key, value in state_dict.items())
     prefixes = [key[: -len("mean_weight")] for key in out if key.endswith("mean_weight")]
     prefixes = [p for p in prefixes if p + "var_weight" in out]
-    metadata = OrderedDict(getattr(state_dict, "_metadata", None) or {})
+    metadata = OrderedDict(
+        (_strip_wrapper(key + ".")[:-1], dict(value))
+        for key, value in (getattr(state_dict, "_metadata", None) or {}).items()
+    )
     for prefix in prefixes:
         logits = out[prefix + "mean_weight"]
         var_logits = out[prefix + "var_weight"]

@@ -506,3 +506,18 @@ def test_compiled_module_matches_reference():
     )
     head = randomise(SwitchNorm1d(6))
     check_against_reference(torch.compile(head, backend="eager", fullgraph=True), make_x((4, 6)), ref_sn1d)
+
+
+def test_convert_wrapped_state_dict_keeps_metadata():
+    wrapper = nn.Module()
+    wrapper.module = Net()
+    wrapper.module(make_x((2, 3, 6, 6)))
+    state = wrapper.state_dict()
+    assert "module.sn.weight" in state and "module.sn" in state._metadata
+    converted = convert_published_sn(state, momentum=0.9)
+    assert "sn" in converted._metadata and "version" in converted._metadata["sn"]
+    net = Net()
+    net.load_state_dict(converted)
+    assert net.sn.momentum == pytest.approx(0.1) and net.sn2.momentum == pytest.approx(0.1)
+    x = make_x((2, 3, 6, 6), seed=4)
+    torch.testing.assert_close(net.eval()(x), wrapper.module.eval()(x))
