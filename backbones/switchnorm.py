@@ -131,6 +131,7 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
             xc = x.to(_compute_dtype(x.dtype))
             n, c = x.shape[:2]
             mean, var = _instance_moments(xc)
+            param_dtypes = [p.dtype for p in params]
             params = [p.detach().to(xc.dtype) for p in params]
             with _one_thread(x.device):
                 a, b, saved = layer._scale_shift(
@@ -148,7 +149,7 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
             tensors, ctx.info = saved
             ctx.save_for_backward(x, mean, a, *tensors)
             ctx.layer = layer
-            ctx.param_dtypes = [p.dtype for p in params]
+            ctx.param_dtypes = param_dtypes
         return y.to(x.dtype)
 
     @staticmethod

@@ -224,6 +224,17 @@ def test_sn2d_autocast_bf16_cpu():
     torch.testing.assert_close(layer(hb).double(), y_ref, atol=3e-2, rtol=2e-2)
 
 
+def test_sn2d_bfloat16_model():
+    layer = randomise(SwitchNorm2d(4)).bfloat16()
+    x = make_x((3, 4, 5, 5)).bfloat16().requires_grad_()
+    y = layer(x)
+    y.float().square().sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16
+    assert layer.weight.grad.dtype == layer.mean_weight.grad.dtype == torch.bfloat16
+    y_ref, _ = ref_sn2d(x.detach().double(), *params64(layer))
+    torch.testing.assert_close(y.double(), y_ref, atol=3e-2, rtol=2e-2)
+
+
 def test_sn2d_init_and_validation():
     layer = SwitchNorm2d(4, last_gamma=True)
     assert torch.equal(layer.weight, torch.zeros(4)) and torch.equal(layer.bias, torch.zeros(4))
