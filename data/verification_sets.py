@@ -89,6 +89,8 @@ def read_lfw_pairs(pairs_path) -> tuple[list[tuple[str, int, str, int]], np.ndar
     Returns ``([(name1, number1, name2, number2)], issame)`` in file order.
     """
     pairs_path = Path(pairs_path)
+    if not pairs_path.is_file():
+        raise FileNotFoundError(f"LFW pairs file not found: {pairs_path} (give --pairs / pairs_path)")
     lines = _read_lines(pairs_path)
     try:
         folds, per_fold = (int(v) for v in lines[0].split())
@@ -274,9 +276,9 @@ def make_bin_cfp(cfp_dir, output_dir, size: int = 112, protocols=("FF", "FP"), a
                  quality: int = 95, workers: int | None = None, force: bool = False) -> dict:
     """Write ``cfp_ff.bin`` / ``cfp_fp.bin`` (7,000 pairs each for the full release) into ``output_dir``.
 
-    Folds stored contiguously in order, each with its same pairs then its different pairs (insightface's
-    ``cfp_fp.bin`` order). Refuses to replace existing files unless ``force``. Returns
-    ``{"cfp_ff": summary, ...}`` (see :func:`describe_pairs`).
+    Folds stored contiguously in order, each with its ``same.txt`` pairs then its ``diff.txt`` pairs (the
+    layout of insightface's ``cfp_ff.bin`` / ``cfp_fp.bin``: 10 contiguous folds of 350 + 350). Refuses to
+    replace existing files unless ``force``. Returns ``{"cfp_ff": summary, ...}`` (:func:`describe_pairs`).
     """
     output_dir = Path(output_dir)
     outputs = {p.upper(): output_dir / f"cfp_{p.lower()}.bin" for p in protocols}
