@@ -247,7 +247,6 @@ def test_make_bin_command(lfw, tiny_cfp, tmp_path, capsys):
 
 
 def test_make_bin_through_run_py_cli(lfw, tmp_path, capsys):
-    pytest.importorskip("facerec.commands.synth", reason="facerec.cli needs every command module")
     from facerec.cli import main
 
     argv = ["make-bin", "--lfw", str(lfw), "--output", str(tmp_path / "l.bin"), "--size=16", "--workers=1"]
