@@ -92,10 +92,12 @@ def _instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.is_contiguous():
         xv = x.view(1, n * c, -1)
         spatial = xv.shape[2]
-        shift = xv[0, :, 0].contiguous()  # one sample of each (n, c) slice: keeps the sums well conditioned
+        with _one_thread(x.device):
+            shift = xv[0, :, 0].contiguous()  # a sample of each (n, c) slice: keeps the sums well conditioned
+            _, ones = _unit_stats(shift)
         # sum(x * (x - shift)) and sum(x) per (n, c) in one pass (the reductions of BN's backward kernel).
         _, sxs, sx = torch.ops.aten.native_batch_norm_backward(
-            xv, xv, None, None, None, shift, torch.ones_like(shift), True, 0.0, [False, True, True]
+            xv, xv, None, None, None, shift, ones, True, 0.0, [False, True, True]
         )
         with _one_thread(x.device):
             mean = sx / spatial
@@ -104,6 +106,12 @@ def _instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return mean.view(n, c), var.view(n, c)
     var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
     return mean, var
+
+
+def _unit_stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat zeros and ones shaped like ``like``: unit statistics that turn BN kernels into x * a + b."""
+    with _one_thread(like.device):
+        return torch.zeros_like(like).view(-1), torch.ones_like(like).view(-1)
 
 
 def _mix(weights: torch.Tensor, terms: list) -> torch.Tensor:
@@ -139,10 +147,8 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
                 )
             if xc.is_contiguous():  # x * a + b in one pass: eval-mode BN forward with unit statistics
                 xv = xc.view(1, n * c, -1)
-                y = torch.native_batch_norm(
-                    xv, a.view(-1), b.view(-1), torch.zeros_like(mean).view(-1),
-                    torch.ones_like(mean).view(-1), False, 0.0, 0.0,
-                )[0].view_as(x)
+                y = torch.native_batch_norm(xv, a.view(-1), b.view(-1), *_unit_stats(a), False, 0.0, 0.0)[0]
+                y = y.view_as(x)
             else:
                 y = torch.addcmul(b[..., None, None], xc, a[..., None, None])
         if needs_grad:
@@ -166,9 +172,9 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
                 g = g.contiguous()
                 xv, gv = xc.view(1, n * c, -1), g.view(1, n * c, -1)
                 # sum(g * (x - mean)) and sum(g) per (n, c) in one pass (BN backward's reductions).
+                _, ones = _unit_stats(mean)
                 _, sgxc, sg = torch.ops.aten.native_batch_norm_backward(
-                    gv, xv, None, None, None, mean.view(-1), torch.ones_like(mean).view(-1),
-                    True, 0.0, [False, True, True],
+                    gv, xv, None, None, None, mean.view(-1), ones, True, 0.0, [False, True, True]
                 )
                 sgxc, sg = sgxc.view(n, c), sg.view(n, c)
             else:
@@ -182,10 +188,9 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
             dx_out = None
             if ctx.needs_input_grad[0]:
                 if fused:  # x * c2 + c1 in one pass (eval-mode BN forward with unit stats), then + g * a
-                    dx = torch.native_batch_norm(
-                        xv, c2.view(-1), c1.view(-1), torch.zeros_like(c1).view(-1),
-                        torch.ones_like(c1).view(-1), False, 0.0, 0.0,
-                    )[0].view_as(xc)
+                    unit = _unit_stats(c1)
+                    dx = torch.native_batch_norm(xv, c2.view(-1), c1.view(-1), *unit, False, 0.0, 0.0)[0]
+                    dx = dx.view_as(xc)
                     dx.addcmul_(g, a[..., None, None])
                 else:
                     dx = torch.addcmul(c1[..., None, None], xc, c2[..., None, None])
