@@ -122,3 +122,11 @@ def test_bytearray_only_from_bytes(tmp_path):
     path.write_bytes(b"cbuiltins\nbytearray\n(J\x00\x00\x00\x40tR.")  # bytearray(2**30)
     with pytest.raises(DataError, match="bytearray"):
         load_bin(path)
+
+
+def test_python2_pickle(tmp_path):
+    """Published files are Python-2 pickles: str images (SHORT_BINSTRING) must come back as bytes."""
+    path = tmp_path / "py2.bin"
+    path.write_bytes(b"\x80\x02](U\x02abU\x02cde]\x88a\x86.")  # ([str 'ab', str 'cd'], [True]) from Python 2
+    images, issame = load_bin(path)
+    assert images == [b"ab", b"cd"] and issame.tolist() == [True]
