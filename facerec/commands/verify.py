@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from eval.report import format_table, write_json, write_pair_scores_csv, write_roc_png
 from eval.verification import roc_points
-from facerec.model_io import load_model
+from facerec.model_io import load_model, read_checkpoint
 from facerec.verification import DEFAULT_DATA_DIR, STANDARD_SETS, load_verification_sets, verify
 
 HELP = "Verification accuracy of a checkpoint (10-fold protocol) on LFW, CFP-FP, AgeDB-30, ... or any .bin."
@@ -27,6 +27,8 @@ def add_dataset_arguments(parser, required: bool) -> None:
                         help=f"folder holding <name>.bin files (default: {DEFAULT_DATA_DIR})")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-flip", action="store_true", help="do not add the horizontal-flip embedding")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes aligning raw LFW/CFP images (default: CPUs; 1: in-process)")
 
 
 def add_arguments(parser) -> None:
@@ -38,10 +40,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    checkpoint, _ = read_checkpoint(args.checkpoint or args.run)  # the image size, before the slow parts
+    input_size = checkpoint["config"]["model"].get("input_size", 112)
+    sets = load_verification_sets(args.dataset, args.data_dir, input_size, args.workers)
     model, checkpoint = load_model(args.checkpoint or args.run, device=args.device)
     device = checkpoint["device"]
-    input_size = checkpoint["config"]["model"].get("input_size", 112)
-    sets = load_verification_sets(args.dataset, args.data_dir, input_size)
     results, curves, scores = {}, {}, {}
     for vset in sets:
         metrics, distances = verify(model, vset, input_size, batch_size=args.batch_size,
