@@ -142,7 +142,8 @@ def lfw_pairs(lfw_dir, pairs_path=None, size: int = 112, landmarks=None, box=LFW
     pairs, issame = read_lfw_pairs(pairs_path)
     root = _lfw_image_root(lfw_dir, pairs[0][0])
     points = read_landmarks_csv(landmarks) if landmarks is not None else None
-    keys = list(dict.fromkeys(f"{n}/{n}_{i:04d}.jpg" for a, i, b, j in pairs for n, i in ((a, i), (b, j))))
+    paths = [f"{name}/{name}_{number:04d}.jpg" for a, i, b, j in pairs for name, number in ((a, i), (b, j))]
+    keys = list(dict.fromkeys(paths))  # each image processed once
     jobs = []
     for key in keys:
         if not (root / key).is_file():
@@ -152,8 +153,7 @@ def lfw_pairs(lfw_dir, pairs_path=None, size: int = 112, landmarks=None, box=LFW
         face_points = None if points is None else points[key]
         jobs.append(FaceJob(root / key, size, quality, face_points, box=None if points is not None else box))
     encoded = dict(zip(keys, map_ordered(encode_face, jobs, workers, "lfw")))
-    images = [encoded[f"{n}/{n}_{i:04d}.jpg"] for a, i, b, j in pairs for n, i in ((a, i), (b, j))]
-    return images, issame
+    return [encoded[path] for path in paths], issame
 
 
 def make_bin_lfw(lfw_dir, pairs_path=None, output="lfw.bin", size: int = 112, landmarks=None,
@@ -167,10 +167,9 @@ def make_bin_lfw(lfw_dir, pairs_path=None, output="lfw.bin", size: int = 112, la
     output = Path(output)
     refuse_overwrite([output], force)
     start = time.perf_counter()
-    pairs_path = Path(lfw_dir) / "pairs.txt" if pairs_path is None else Path(pairs_path)
-    folds = int(_read_lines(pairs_path)[0].split()[0]) if pairs_path.is_file() else 10
     images, issame = lfw_pairs(lfw_dir, pairs_path, size, landmarks, crop, quality, workers)
     write_bin(output, images, issame)
+    folds = int((issame[1:] & ~issame[:-1]).sum()) + 1  # each fold starts with its same pairs
     return describe_pairs(output, issame, folds, size, time.perf_counter() - start)
 
 
