@@ -153,7 +153,8 @@ def main() -> None:
     command = [sys.executable, str(ROOT / "run.py"), "train", "--config", str(args.config), *args.overrides,
                f"data.train={info['train']}", f"data.verify=[{','.join(info['verify'])}]",
                f"train.max_steps={steps}", "train.resume=none", f"train.output_dir={run_dir}",
-               f"train.verify_every={max(1, steps // 4)}"]
+               f"train.verify_every={max(1, steps // 2)}", "schedule.warmup_epochs=0",
+               f"schedule.warmup_steps={steps // 10}"]
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
     subprocess.run(command, cwd=ROOT, check=True)

@@ -42,6 +42,7 @@ from facerec.distributed import (
     sync_batchnorm1d,
 )
 from facerec.metrics_log import MetricsLog
+from facerec.model_io import load_backbone_state
 from facerec.optim import build_optimizer, build_schedule, param_groups
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -160,10 +161,12 @@ class Trainer:
         model_kwargs = {k: v for k, v in mcfg.items() if k != "norm_kwargs"}
         self.backbone = build_backbone(**model_kwargs, **mcfg["norm_kwargs"])
         if tcfg["init_backbone"]:
-            self.backbone.load_state_dict(ckpt.backbone_state(tcfg["init_backbone"]))
+            load_backbone_state(self.backbone, ckpt.backbone_state(tcfg["init_backbone"]),
+                                f"train.init_backbone {tcfg['init_backbone']}")
         if info.world_size > 1 and (mcfg["norm"] in ("syncsn", "syncbn") or tcfg["batch_size"] == 1):
             sync_batchnorm1d(self.backbone)
         self.channels_last = tcfg["channels_last"] and self.device.type == "cuda"
+        torch.backends.cudnn.benchmark = self.device.type == "cuda"  # fixed input shapes
         self.backbone.to(self.device, memory_format=torch.channels_last if self.channels_last else None)
         self.head = build_head(dict(config["head"]), embedding_size=mcfg["embedding_size"],
                                num_classes=self.dataset.num_classes).to(self.device)
@@ -200,10 +203,13 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def _resume(self) -> None:
         choice = self.tcfg["resume"]
+        found = ckpt.step_checkpoints(self.ckpt_dir)
         if choice == "none":
+            if found:
+                self._say(f"warning: train.resume=none: starting afresh although {self.ckpt_dir} holds "
+                          f"checkpoints up to {found[-1].name}; they will be replaced as this run saves")
             return
         if choice == "auto":
-            found = ckpt.step_checkpoints(self.ckpt_dir)
             if not found:
                 return
             path = found[-1]
