@@ -1,6 +1,7 @@
 """Export embeddings of an image collection (.npz/.npy) and the backbone itself (ONNX)."""
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,22 +155,40 @@ def export_embeddings(model, input_path, output_path, input_size: int, batch_siz
     return arrays
 
 
-def export_onnx(model, path, input_size: int, model_config: dict | None = None, opset: int = 17) -> None:
+def export_onnx(model, path, input_size: int, model_config: dict | None = None, opset: int = 17) -> float:
     """Save ``model`` (eval mode, CPU) as ONNX with a dynamic batch axis: input ``input`` (N, 3, S, S) ->
-    ``embedding`` (N, D). The preprocessing and the model config are stored in the metadata properties."""
+    ``embedding`` (N, D); the preprocessing and the model config go into the metadata properties.
+
+    The file is checked with ONNX Runtime against PyTorch on a random batch of 3; returns the largest
+    absolute difference of the embeddings.
+    """
     import onnx
+    import onnxruntime
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.cpu().eval()
-    dummy = torch.zeros(2, 3, input_size, input_size)
-    torch.onnx.export(model, (dummy,), str(path), input_names=["input"], output_names=["embedding"],
-                      dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}}, opset_version=opset,
-                      dynamo=False)
+    model = copy.deepcopy(model).cpu().eval()  # the caller's model stays where it is
+    # keep_initializers_as_inputs avoids the legacy exporter's initializer de-duplication, which leaves
+    # dangling node inputs when several parameters are equal (e.g. untrained SN mixture weights); the
+    # weights are then moved back out of the graph inputs below.
+    batch_axis = {"input": {0: "batch"}, "embedding": {0: "batch"}}
+    torch.onnx.export(model, (torch.zeros(2, 3, input_size, input_size),), str(path), input_names=["input"],
+                      output_names=["embedding"], dynamic_axes=batch_axis, opset_version=opset,
+                      keep_initializers_as_inputs=True, dynamo=False)
     proto = onnx.load(str(path))
+    weights = {init.name for init in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in weights]
+    del proto.graph.input[:]
+    proto.graph.input.extend(inputs)
     metadata = {**PREPROCESSING, "input_size": str(input_size), "model": json.dumps(model_config or {})}
     for key, value in metadata.items():
         prop = proto.metadata_props.add()
         prop.key, prop.value = key, value
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+
+    x = torch.randn(3, 3, input_size, input_size, generator=torch.Generator().manual_seed(0))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = model(x).numpy()
+    return float(np.abs(session.run(None, {"input": x.numpy()})[0] - expected).max())

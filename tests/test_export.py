@@ -85,17 +85,19 @@ def test_export_input_errors(tmp_path, capsys, setup):
         assert code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("norm", ["sn", "bn"])
-def test_onnx_matches_pytorch(tmp_path, capsys, norm):
+@pytest.mark.parametrize("norm, trained", [("sn", True), ("bn", True), ("sn", False)])
+def test_onnx_matches_pytorch(tmp_path, capsys, norm, trained):
     import onnx
     import onnxruntime
 
-    model = save_tiny_checkpoint(tmp_path / "m.pt", norm=norm, seed=5)
-    export(capsys, tmp_path / "m.pt", "--onnx", tmp_path / "m.onnx")
+    model = save_tiny_checkpoint(tmp_path / "m.pt", norm=norm, seed=5, trained=trained)
+    out = export(capsys, tmp_path / "m.pt", "--onnx", tmp_path / "m.onnx")
+    assert "ONNX Runtime vs PyTorch max abs difference" in out
     proto = onnx.load(str(tmp_path / "m.onnx"))
     meta = {p.key: p.value for p in proto.metadata_props}
     assert meta["color"] == "RGB" and meta["layout"] == "NCHW" and meta["input_size"] == str(SIZE)
     assert "(x / 255 - 0.5) / 0.5" in meta["normalize"] and "flip" in meta["flip_sum"]
+    assert [i.name for i in proto.graph.input] == ["input"]  # weights are initializers, not inputs
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 5):  # dynamic batch axis
         x = torch.randn(batch, 3, SIZE, SIZE)

@@ -17,25 +17,30 @@ from facerec.verification import load_verification_set
 SIZE = 32
 
 
-def save_tiny_checkpoint(path, norm="sn", seed=0, width=8, embedding_size=16, step=7):
-    """A checkpoint in the training engine's format for a tiny, randomly perturbed backbone."""
+def save_tiny_checkpoint(path, norm="sn", seed=0, width=8, embedding_size=16, step=7, trained=True):
+    """A checkpoint in the training engine's format for a tiny backbone, randomly perturbed if ``trained``."""
     torch.manual_seed(seed)
     config = {"name": "iresnet18", "norm": norm, "embedding_size": embedding_size, "input_size": SIZE,
               "width": width, "dropout": 0.0, "norm_kwargs": {}}
     model = build_backbone(**{k: v for k, v in config.items() if k != "norm_kwargs"})
-    with torch.no_grad():  # distinct weights, and running statistics of a batch as after training
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        norms = [m for m in model.modules() if hasattr(m, "running_mean")]
-        for m in norms:
-            m.momentum = 1.0
-        model.train()(torch.randn(8, 3, SIZE, SIZE))
-        for m in norms:
-            m.momentum = 0.1
-    model.eval()
+    if trained:
+        _imitate_training(model)
     torch.save({"backbone": model.state_dict(), "head": {}, "config": {"model": config}, "step": step,
                 "epoch": 0}, path)
-    return model
+    return model.eval()
+
+
+@torch.no_grad()
+def _imitate_training(model):
+    """Distinct weights, and the running statistics of one batch, as after training."""
+    for p in model.parameters():
+        p.add_(0.1 * torch.randn_like(p))
+    norms = [m for m in model.modules() if hasattr(m, "running_mean")]
+    for m in norms:
+        m.momentum = 1.0
+    model.train()(torch.randn(8, 3, SIZE, SIZE))
+    for m in norms:
+        m.momentum = 0.1
 
 
 def reference_embeddings(model, images, flip=True):

@@ -34,6 +34,7 @@ def run(args) -> int:
         shape = arrays["embeddings"].shape
         print(f"wrote {args.output}: {shape[0]} embeddings of size {shape[1]} ({', '.join(arrays)})")
     if args.onnx:
-        export_onnx(model, args.onnx, input_size, model_config=model_config)
-        print(f"wrote {args.onnx}: input (N, 3, {input_size}, {input_size}) RGB (x/255-0.5)/0.5")
+        diff = export_onnx(model, args.onnx, input_size, model_config=model_config)
+        print(f"wrote {args.onnx}: input (N, 3, {input_size}, {input_size}) RGB (x/255-0.5)/0.5; "
+              f"ONNX Runtime vs PyTorch max abs difference {diff:.2e}")
     return 0
