@@ -55,8 +55,8 @@ def _one_thread(device: torch.device):
     """Run the tiny (N, C) statistic ops on one CPU thread.
 
     They are latency-bound: at N * C >= 32768 PyTorch splits each of them across threads, and the
-    per-op synchronisation then costs more than the work (far more on a busy machine). The setting is
-    per calling thread (OpenMP) and restored on exit.
+    per-op synchronisation then costs more than the work (far more on a busy machine). The thread
+    count is restored on exit (OpenMP applies it to the calling thread's parallel regions).
     """
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
