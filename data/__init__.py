@@ -1,4 +1,4 @@
-"""Face datasets: native MXNet RecordIO, image folders, packing and alignment, verification sets, synthesis."""
+"""Face datasets: native RecordIO, image folders, packing and alignment, verification sets, synthesis."""
 from .align import ARCFACE_TEMPLATE, align_face, similarity_transform
 from .bins import load_bin, write_bin
 from .datasets import FaceFolderDataset, FaceRecordDataset

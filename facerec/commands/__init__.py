@@ -1,1 +1,1 @@
-"""One module per ``run.py`` sub-command; each defines ``HELP``, ``add_arguments(parser)`` and ``run(args)``."""
+"""One module per ``run.py`` sub-command, each with ``HELP``, ``add_arguments(parser)``, ``run(args)``."""
