@@ -144,9 +144,9 @@ def write_sn_png(path, layers: list[dict], title: str = "") -> None:
             bottom += values
         ax.set_ylim(0, 1)
         ax.set_ylabel(f"{kind} weight")
-    axes[0].legend(loc="upper right", ncol=3, fontsize="small")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center right")
     axes[0].set_title(title or "Switchable Normalization importance weights per layer")
     axes[1].set_xlabel("SN layer (network order)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -50,7 +50,7 @@ def run(args) -> int:
         metrics, distances = verify(model, vset, input_size, batch_size=args.batch_size,
                                     flip=not args.no_flip, device=device)
         results[vset.name] = metrics
-        curves[vset.name] = roc_points(distances, vset.issame)
+        curves[f"{vset.name} (AUC {metrics['auc']:.4f})"] = roc_points(distances, vset.issame)
         scores[vset.name] = (distances, vset.issame)
     print(f"checkpoint: {checkpoint['path']} (step {checkpoint.get('step', '?')})")
     print(format_table(results))
