@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +30,10 @@ PREPROCESSING = {
 
 @dataclass
 class ImageSet:
-    """Encoded images to embed and what identifies them (``labels`` and/or ``paths``; ``issame`` for .bin)."""
+    """Encoded images to embed, what identifies them (``labels`` and/or ``paths``) and further arrays to
+    save with the embeddings (``issame`` for a ``.bin``)."""
 
-    images: object  # sequence of bytes
+    images: Sequence[bytes]
     labels: np.ndarray | None = None
     paths: list[str] | None = None
     extra: dict = field(default_factory=dict)

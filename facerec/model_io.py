@@ -73,24 +73,31 @@ def read_checkpoint(path) -> tuple[dict, Path]:
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict) or "name" not in model:
         raise CheckpointError(f"{file}: checkpoint has no config['model'] section describing the backbone")
+    checkpoint["path"] = str(file)
     return checkpoint, file
+
+
+def resolve_device(name: str) -> str:
+    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; any other name is returned as is."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def build_model(checkpoint: dict, source="checkpoint", device="cpu") -> torch.nn.Module:
+    """The backbone of ``checkpoint["config"]["model"]`` with its weights, in eval mode on ``device``."""
+    try:
+        model = build_backbone(**model_kwargs(checkpoint["config"]))
+    except (TypeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{source}: cannot build the backbone from config['model'] "
+                              f"{checkpoint['config']['model']}: {exc}") from None
+    load_backbone_state(model, checkpoint["backbone"], source=str(source))
+    return model.to(resolve_device(device)).eval()
 
 
 def load_model(path, device="cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild the backbone of a checkpoint (file or run directory) in eval mode on ``device``.
 
-    ``device="auto"`` picks cuda when available. Returns ``(model, checkpoint)``, the checkpoint dict with
-    ``path`` (the file read) and ``device`` added; ``checkpoint["config"]["model"]["input_size"]`` is the
-    image size.
+    Returns ``(model, checkpoint)``, the checkpoint dict with ``path`` (the file read) added;
+    ``checkpoint["config"]["model"]["input_size"]`` is the image size.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint, file = read_checkpoint(path)
-    try:
-        model = build_backbone(**model_kwargs(checkpoint["config"]))
-    except (TypeError, ValueError, KeyError) as exc:
-        raise CheckpointError(f"{file}: cannot build the backbone from config['model'] "
-                              f"{checkpoint['config']['model']}: {exc}") from None
-    load_backbone_state(model, checkpoint["backbone"], source=str(file))
-    checkpoint["path"], checkpoint["device"] = str(file), device
-    return model.to(device).eval(), checkpoint
+    return build_model(checkpoint, file, device), checkpoint

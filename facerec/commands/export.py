@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from facerec.commands.verify import add_checkpoint_arguments
 from facerec.export import export_embeddings, export_onnx
-from facerec.model_io import load_model
+from facerec.model_io import load_model, resolve_device
 
 HELP = "Export L2-normalised embeddings of images (.npz/.npy) and/or the backbone as ONNX."
 
@@ -24,8 +24,8 @@ def run(args) -> int:
         raise ValueError("nothing to export: give --input and --output, and/or --onnx")
     if bool(args.input) != bool(args.output):
         raise ValueError("--input and --output go together")
-    model, checkpoint = load_model(args.checkpoint or args.run, device=args.device)
-    device = checkpoint["device"]
+    device = resolve_device(args.device)
+    model, checkpoint = load_model(args.checkpoint or args.run, device=device)
     model_config = checkpoint["config"]["model"]
     input_size = model_config.get("input_size", 112)
     if args.input:

@@ -9,7 +9,7 @@ import numpy as np
 from backbones import hard_select, sn_mixture_weights
 from eval.report import format_sn_table, format_table, write_json, write_sn_png
 from facerec.commands.verify import add_checkpoint_arguments, add_dataset_arguments
-from facerec.model_io import load_model
+from facerec.model_io import load_model, resolve_device
 from facerec.verification import load_verification_sets, verify
 
 HELP = "Per-layer IN/LN/BN importance of a Switchable Normalization model (table, plot, ARGMAX accuracy)."
@@ -27,7 +27,8 @@ def _dominant(layers: list[dict], kind: str) -> str:
 
 
 def run(args) -> int:
-    model, checkpoint = load_model(args.checkpoint or args.run, device=args.device)
+    device = resolve_device(args.device)
+    model, checkpoint = load_model(args.checkpoint or args.run, device=device)
     layers = sn_mixture_weights(model)
     if not layers:
         norm = checkpoint["config"]["model"].get("norm")
@@ -40,7 +41,7 @@ def run(args) -> int:
     if args.dataset:
         size = checkpoint["config"]["model"].get("input_size", 112)
         sets = load_verification_sets(args.dataset, args.data_dir, size, args.workers)
-        options = {"batch_size": args.batch_size, "flip": not args.no_flip, "device": checkpoint["device"]}
+        options = {"batch_size": args.batch_size, "flip": not args.no_flip, "device": device}
         soft = {v.name: verify(model, v, size, **options)[0] for v in sets}
         hard_model = hard_select(model)
         hard = {v.name: verify(hard_model, v, size, **options)[0] for v in sets}

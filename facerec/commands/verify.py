@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from eval.report import format_table, write_json, write_pair_scores_csv, write_roc_png
 from eval.verification import roc_points
-from facerec.model_io import load_model, read_checkpoint
+from facerec.model_io import build_model, read_checkpoint, resolve_device
 from facerec.verification import DEFAULT_DATA_DIR, STANDARD_SETS, load_verification_sets, verify
 
 HELP = "Verification accuracy of a checkpoint (10-fold protocol) on LFW, CFP-FP, AgeDB-30, ... or any .bin."
@@ -40,11 +40,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    checkpoint, _ = read_checkpoint(args.checkpoint or args.run)  # the image size, before the slow parts
+    checkpoint, file = read_checkpoint(args.checkpoint or args.run)
     input_size = checkpoint["config"]["model"].get("input_size", 112)
     sets = load_verification_sets(args.dataset, args.data_dir, input_size, args.workers)
-    model, checkpoint = load_model(args.checkpoint or args.run, device=args.device)
-    device = checkpoint["device"]
+    device = resolve_device(args.device)
+    model = build_model(checkpoint, file, device=device)
     results, curves, scores = {}, {}, {}
     for vset in sets:
         metrics, distances = verify(model, vset, input_size, batch_size=args.batch_size,
