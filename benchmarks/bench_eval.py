@@ -7,6 +7,7 @@ Prints, measured side by side in one run on the same images:
 * the pipeline/forward throughput ratio (target >= 0.9) and the time of ``evaluate`` on 6,000 pairs.
 
     python benchmarks/bench_eval.py [--device cpu|cuda] [--quick] [--model iresnet18 --width 32 --size 112]
+                                    [--images 256 --batch-size 64 --repeats 3 --threads N]
 """
 from __future__ import annotations
 
@@ -74,9 +75,12 @@ def main(argv=None) -> int:
     parser.add_argument("--images", type=int, default=None, help="images per measurement (default 256)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats; the best is reported")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
-        args.width, args.size, args.images, args.repeats = 8, 32, args.images or 64, 1
+        args.width, args.size, args.images, args.repeats = 8, 32, args.images or 32, 1
     count = args.images or 256
     device = args.device
 

@@ -1,4 +1,8 @@
 """``run.py export``: .npz/.npy round trips for every input kind, and ONNX parity with PyTorch."""
+import subprocess
+import sys
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -106,3 +110,12 @@ def test_onnx_matches_pytorch(tmp_path, capsys, norm, trained):
         got = session.run(None, {"input": x.numpy()})[0]
         assert got.shape == expected.shape
         assert np.abs(got - expected).max() < 1e-4
+
+
+def test_bench_eval_quick_runs():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_eval.py"
+    result = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "throughput ratio pipeline / bare forward" in result.stdout
+    assert "evaluate on 6000 pairs" in result.stdout
