@@ -74,7 +74,9 @@ def default_workers() -> int:
 def map_ordered(func: Callable, items: Sequence, workers: int | None = None, desc: str = "") -> Iterable:
     """``map(func, items)`` in order over ``workers`` processes (``<= 1``: in-process), with a progress bar.
 
-    ``func`` must be a module-level function (it is pickled to the workers).
+    ``func`` must be a module-level function (it is pickled to the workers). Workers start from a
+    fork server (spawn on Windows), never by forking this process: a fork taken after torch or OpenCV
+    started their thread pools can deadlock in the child.
     """
     workers = default_workers() if workers is None else workers
     bar = dict(total=len(items), desc=desc, unit="img", dynamic_ncols=True, mininterval=1.0)
@@ -82,7 +84,7 @@ def map_ordered(func: Callable, items: Sequence, workers: int | None = None, des
         yield from tqdm(map(func, items), **bar)
         return
     chunksize = max(1, min(64, len(items) // (workers * 8)))
-    with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+    with get_context("spawn" if os.name == "nt" else "forkserver").Pool(workers) as pool:
         yield from tqdm(pool.imap(func, items, chunksize=chunksize), **bar)
 
 

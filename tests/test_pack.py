@@ -1,4 +1,6 @@
 """pack_folder: image folder -> insightface RecordIO layout."""
+import os
+
 import cv2
 import numpy as np
 import pytest
@@ -156,3 +158,16 @@ def test_pack_through_run_py_cli(folder, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "error:" in err and "already exists" in err
+
+
+def _parent_pid(_item):
+    return os.getppid()
+
+
+def test_worker_pool_never_forks_the_calling_process():
+    """Forking after torch/OpenCV started their thread pools can deadlock: workers must come from a
+    fork server, so none of them is a child of this (threaded) process."""
+    from data.pack import map_ordered
+
+    parents = set(map_ordered(_parent_pid, list(range(8)), workers=2))
+    assert os.getpid() not in parents
