@@ -196,7 +196,7 @@ class Trainer:
         self.step = self.epoch = self.batch = 0
         self.best: dict = {}
         self.last_verification: dict = {}
-        self.last_checkpoint: Path | None = None
+        self.last_checkpoint: Path | None = None  # the same on every rank (only rank 0 writes it)
         self._resume()
         _seed_everything(tcfg["seed"] + 1000 * info.rank + self.step)  # data order comes from the sampler
 
@@ -268,8 +268,9 @@ class Trainer:
             "config": self.config, "best": self.best,
         }
         if self.info.is_main:
-            self.last_checkpoint = ckpt.save_checkpoint(state, self.ckpt_dir / f"step_{self.step}.pt")
+            ckpt.save_checkpoint(state, self.ckpt_dir / f"step_{self.step}.pt")
             ckpt.prune_checkpoints(self.ckpt_dir, self.tcfg["keep_checkpoints"])
+        self.last_checkpoint = self.ckpt_dir / f"step_{self.step}.pt"
         barrier()
 
     # ---------------------------------------------------------------- verification
@@ -360,7 +361,6 @@ class Trainer:
                   f"{self.device}; run dir {self.run_dir}")
         start, start_step = time.time(), self.step
         window_loss, window_n, window_t = 0.0, 0, time.time()
-        saved_at = self.step
         try:
             while self.step < self.total_steps:
                 self.loader.sampler.set_epoch(self.epoch)
@@ -384,13 +384,12 @@ class Trainer:
                         self.epoch, self.batch = self.epoch + 1, 0
                     if self.batch == 0 or self.step % tcfg["checkpoint_every"] == 0:
                         self.save_checkpoint()
-                        saved_at = self.step
                     if self.config["data"]["verify"] and tcfg["verify_every"] \
                             and self.step % tcfg["verify_every"] == 0 and self.step < self.total_steps:
                         self.verify()
                     if self.step >= self.total_steps:
                         break
-            if saved_at != self.step or self.last_checkpoint is None:
+            if self.last_checkpoint != self.ckpt_dir / f"step_{self.step}.pt":
                 self.save_checkpoint()
             if self.config["data"]["verify"]:
                 self.verify()
