@@ -353,12 +353,12 @@ class Trainer:
 
     def fit(self) -> dict:
         tcfg = self.tcfg
-        self.log = MetricsLog(self.run_dir, enabled=self.info.is_main, resume_step=self.step,
-                              total_steps=self.total_steps, progress=tcfg["progress"])
         self._say(f"training {self.config['model']['name']} ({self.config['model']['norm']}) on "
                   f"{len(self.dataset)} images / {self.dataset.num_classes} classes: {self.total_steps} "
                   f"steps of {self.global_batch} images ({self.info.world_size} x {tcfg['batch_size']}) on "
                   f"{self.device}; run dir {self.run_dir}")
+        self.log = MetricsLog(self.run_dir, enabled=self.info.is_main, resume_step=self.step,
+                              total_steps=self.total_steps, progress=tcfg["progress"])
         start, start_step = time.time(), self.step
         window_loss, window_n, window_t = 0.0, 0, time.time()
         try:
