@@ -122,6 +122,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "keep_checkpoints": Opt(3, "int"),
         "verify_every": Opt(2000, "int"),  # steps; also at the end; 0: only at the end
         "verify_batch_size": Opt(64, "int"),
+        "baselines": Opt(False, "bool"),  # before training: untrained-model and raw-pixel accuracy
         "log_every": Opt(50, "int"),
         "resume": Opt("auto", "str"),  # auto | none | PATH of a checkpoint
         "init_backbone": Opt(None, "path", nullable=True),  # backbone weights to fine-tune from

@@ -196,6 +196,7 @@ class Trainer:
         self.step = self.epoch = self.batch = 0
         self.best: dict = {}
         self.last_verification: dict = {}
+        self.baselines: dict = {}
         self.last_checkpoint: Path | None = None  # the same on every rank (only rank 0 writes it)
         self._resume()
         _seed_everything(tcfg["seed"] + 1000 * info.rank + self.step)  # data order comes from the sampler
@@ -274,21 +275,39 @@ class Trainer:
         barrier()
 
     # ---------------------------------------------------------------- verification
+    def _accuracies(self, model, flip: bool = True) -> dict:
+        """Verification results of ``model`` (any images -> embeddings module) on each ``data.verify`` set."""
+        from eval.verification import evaluate
+        from facerec.embedding import embed_images
+
+        results = {}
+        for name, (images, issame) in self.verify_sets.items():
+            emb = embed_images(model, images, self.config["model"]["input_size"],
+                               batch_size=self.tcfg["verify_batch_size"], flip=flip, device=self.device)
+            r = evaluate(emb, issame)
+            results[name] = {"accuracy": float(r["accuracy"]), "accuracy_std": float(r["accuracy_std"]),
+                             "threshold": float(r["threshold"])}
+        return results
+
+    def report_baselines(self) -> None:
+        """Accuracy of the untrained model and of raw pixels (cosine of the normalised pixel vectors) on
+        each verification set, before training: what the trained accuracy is to be read against."""
+        if self.info.is_main and self.verify_sets:
+            untrained = self._accuracies(self.backbone)
+            pixels = self._accuracies(torch.nn.Flatten(), flip=False)
+            self.baselines = {name: {"untrained": untrained[name]["accuracy"],
+                                     "raw_pixels": pixels[name]["accuracy"]} for name in self.verify_sets}
+            text = ", ".join(f"{k} untrained model {v['untrained']:.4f}, raw pixels {v['raw_pixels']:.4f}"
+                             for k, v in self.baselines.items())
+            self._say(f"baselines before training: {text}")
+            self.log.log(self.step, epoch=self.epoch, baselines=self.baselines)
+        barrier()
+
     def verify(self) -> dict:
         """Accuracy on each ``data.verify`` set (rank 0; others wait); updates ``best`` and ``best.pt``."""
         results = {}
         if self.info.is_main and self.verify_sets:
-            from eval.verification import evaluate
-            from facerec.embedding import embed_images
-
-            self.backbone.eval()
-            for name, (images, issame) in self.verify_sets.items():
-                emb = embed_images(self.backbone, images, self.config["model"]["input_size"],
-                                   batch_size=self.tcfg["verify_batch_size"], flip=True, device=self.device)
-                r = evaluate(emb, issame)
-                results[name] = {"accuracy": float(r["accuracy"]), "accuracy_std": float(r["accuracy_std"]),
-                                 "threshold": float(r["threshold"])}
-            self.backbone.train()
+            results = self._accuracies(self.backbone)
             mean_acc = sum(r["accuracy"] for r in results.values()) / len(results)
             improved = mean_acc > self.best.get("accuracy", -1.0)
             if improved:
@@ -319,6 +338,14 @@ class Trainer:
         if self.info.is_main:
             log = getattr(self, "log", None)
             log.message(text) if log is not None else print(text, flush=True)
+
+    def _describe(self, name: str, accuracy: float) -> str:
+        """``name accuracy``, followed by the set's baselines when they were measured."""
+        text = f"{name} {accuracy:.4f}"
+        if name in self.baselines:
+            base = self.baselines[name]
+            text += f" (untrained model {base['untrained']:.4f}, raw pixels {base['raw_pixels']:.4f})"
+        return text
 
     def _diverged_message(self, what: str, loss: float) -> str:
         kept = self.last_checkpoint or "none written yet"
@@ -359,6 +386,8 @@ class Trainer:
                   f"{self.device}; run dir {self.run_dir}")
         self.log = MetricsLog(self.run_dir, enabled=self.info.is_main, resume_step=self.step,
                               total_steps=self.total_steps, progress=tcfg["progress"])
+        if tcfg["baselines"] and self.step == 0 and self.config["data"]["verify"]:
+            self.report_baselines()
         start, start_step = time.time(), self.step
         window_loss, window_n, window_t = 0.0, 0, time.time()
         try:
@@ -397,9 +426,10 @@ class Trainer:
             self.log.close()
         seconds = time.time() - start
         summary = {"steps": self.step, "trained_steps": self.step - start_step, "seconds": seconds,
-                   "run_dir": str(self.run_dir), "final": self.last_verification, "best": self.best}
+                   "run_dir": str(self.run_dir), "final": self.last_verification, "best": self.best,
+                   "baselines": self.baselines}
         if self.info.is_main:
-            final = ", ".join(f"{k} {v['accuracy']:.4f}" for k, v in self.last_verification.items())
+            final = ", ".join(self._describe(k, v["accuracy"]) for k, v in self.last_verification.items())
             best = (f"; best {self.best['accuracy']:.4f} at step {self.best['step']}" if self.best else "")
             print(f"done: {self.step} steps ({self.step - start_step} this run) in {_duration(seconds)}; "
                   f"verification: {final or 'none configured'}{best}; run dir: {self.run_dir}", flush=True)

@@ -3,10 +3,13 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from backbones import build_backbone
+from data import decode_image, load_bin
+from eval.verification import evaluate
 from facerec.checkpoint import load_checkpoint, step_checkpoints
 from facerec.config import load_config
 from facerec.optim import build_optimizer, lr_factor, param_groups
@@ -87,8 +90,15 @@ def test_short_run_learns_and_writes_the_run_directory(synth_dir, tmp_path, caps
     baseline = untrained["final"]["synth"]["accuracy"]
     run = tmp_path / "run"
     summary = train(tiny_config(synth_dir, run, "train.epochs=6", "train.verify_every=12",
-                                "train.checkpoint_every=10", "schedule.warmup_steps=3"))
+                                "train.checkpoint_every=10", "schedule.warmup_steps=3",
+                                "train.baselines=true"))
     out = capsys.readouterr().out
+    # baselines before training: the same seed gives the same untrained model; raw pixels computed here
+    images, issame = load_bin(synth_dir / "synth.bin")
+    pixels = np.stack([decode_image(b, size=32) for b in images]).reshape(len(images), -1)
+    raw = evaluate((pixels.astype(np.float64) / 255 - 0.5) / 0.5, issame)["accuracy"]
+    assert summary["baselines"]["synth"] == pytest.approx({"untrained": baseline, "raw_pixels": raw})
+    assert f"untrained model {baseline:.4f}, raw pixels {raw:.4f}" in out
     assert summary["steps"] == 36 == 6 * (16 * 12 // 32)
     losses = [r["loss"] for r in records(run) if "loss" in r]
     assert len(losses) == 36 and all(math.isfinite(x) for x in losses)
