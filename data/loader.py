@@ -1,6 +1,7 @@
 """The training DataLoader: seeded shuffling, distributed sharding, per-worker file handles and seeds."""
 from __future__ import annotations
 
+import multiprocessing
 import random
 
 import cv2
@@ -8,6 +9,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
+
+WORKER_START = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def seed_worker(worker_id):
@@ -19,20 +22,24 @@ def seed_worker(worker_id):
     random.seed(seed)
 
 
-def build_loader(dataset, batch_size, num_workers=2, shuffle=True, drop_last=True, seed=0):
+def _default_sampler(dataset, shuffle, drop_last, seed, generator):
+    if dist.is_available() and dist.is_initialized():
+        return DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
+    return RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+
+
+def build_loader(dataset, batch_size, num_workers=2, shuffle=True, drop_last=True, seed=0, sampler=None):
     """DataLoader over ``dataset`` reproducible from ``seed``.
 
     Under an initialised torch.distributed group each process reads its own shard through a
     DistributedSampler (call ``loader.sampler.set_epoch(epoch)`` every epoch); otherwise a RandomSampler
-    driven by a generator seeded with ``seed``. Workers open their own file handles (datasets open files
-    lazily) and are seeded from the loader's generator; memory is pinned when CUDA is available."""
+    driven by a generator seeded with ``seed``; or the given ``sampler``. Workers open their own file
+    handles (datasets open files lazily), are seeded from the loader's generator, and start from a fork
+    server rather than as forks of this process (a fork taken after OpenCV or torch started their thread
+    pools can deadlock in the child); memory is pinned when CUDA is available."""
     generator = torch.Generator().manual_seed(seed)
-    if dist.is_available() and dist.is_initialized():
-        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
-    elif shuffle:
-        sampler = RandomSampler(dataset, generator=generator)
-    else:
-        sampler = SequentialSampler(dataset)
+    if sampler is None:
+        sampler = _default_sampler(dataset, shuffle, drop_last, seed, generator)
     workers = num_workers > 0
     return DataLoader(
         dataset,
@@ -44,5 +51,6 @@ def build_loader(dataset, batch_size, num_workers=2, shuffle=True, drop_last=Tru
         prefetch_factor=4 if workers else None,
         persistent_workers=workers,
         worker_init_fn=seed_worker if workers else None,
+        multiprocessing_context=WORKER_START if workers else None,
         generator=generator,
     )

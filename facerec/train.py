@@ -122,13 +122,8 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, info: DistInf
     """``data.build_loader``'s loader (workers, seeding, pinning) with :class:`EpochSampler` as sampler."""
     from data import build_loader
 
-    template = build_loader(dataset, batch_size, num_workers=num_workers, shuffle=True, drop_last=True,
-                            seed=seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, sampler=EpochSampler(dataset, info.world_size, info.rank, seed),
-        num_workers=template.num_workers, drop_last=True, pin_memory=template.pin_memory,
-        prefetch_factor=template.prefetch_factor, persistent_workers=template.persistent_workers,
-        worker_init_fn=template.worker_init_fn, generator=template.generator)
+    return build_loader(dataset, batch_size, num_workers=num_workers, drop_last=True, seed=seed,
+                        sampler=EpochSampler(dataset, info.world_size, info.rank, seed))
 
 
 class Trainer:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 
 import cv2
@@ -258,3 +259,19 @@ def test_bench_data_quick_runs(capsys):
     table = capsys.readouterr().out
     for row in ("read_idx shuffled keys", "decode+flip+normalise", "build_loader 2 workers"):
         assert row in table
+
+
+class _ParentPid(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        return os.getppid()
+
+
+def test_loader_workers_are_not_forks_of_the_caller():
+    """A worker forked after OpenCV/torch started their thread pools can deadlock (it hung a CI run):
+    workers must start from a fork server, so none of them is a child of this process."""
+    loader = build_loader(_ParentPid(), batch_size=2, num_workers=2, shuffle=False)
+    parents = {int(pid) for batch in loader for pid in batch}
+    assert os.getpid() not in parents
