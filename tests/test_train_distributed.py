@@ -5,10 +5,13 @@ What has to be identical for that: the initial weights (both runs resume one ste
 halves of each global batch are the one-process batch), the statistics (SyncSN in every 2-D norm and a
 synchronised embedding BatchNorm1d), the loss (Partial FC's loss is the global-batch mean and DDP sums
 the backbone's gradient shares), and no randomness (dropout 0, no flips, sample_rate 1).
-Tolerance: the two runs sum float32 numbers in different orders; the weights agree to ~1e-6 for the first
-steps, until a last-bit difference tips something non-smooth (an activation across a PReLU kink, most
-likely) and that unit's gradient changes: differences then grow to ~1e-4 within 6 steps. 1e-3 absolute
-is still far below what a real mismatch does (averaging instead of summing the gradient shares: > 1).
+Tolerance: the two runs sum float32 numbers in different orders; the weights agree to ~1e-6 until a
+last-bit difference tips something non-smooth (an activation across a PReLU kink, most likely) and that
+unit's gradient changes. How soon that happens depends on the data and the learning rate: a single
+weight then differs by up to ~2e-3 within 3 steps (seen), while the weights as a whole stay together.
+So the runs are compared by the size of their difference relative to the size of the training update
+(L2 over all floating-point tensors): < 2% is required; a real mismatch is far larger (averaging
+instead of summing the gradient shares halves the update: ~50%).
 """
 import contextlib
 import io
@@ -27,7 +30,7 @@ from facerec.config import load_config
 from facerec.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-TOL = 1e-3
+TOL = 0.02
 
 
 def run_train(config: Path, *overrides: str, nproc: int = 1) -> str:
@@ -49,8 +52,15 @@ def run_train(config: Path, *overrides: str, nproc: int = 1) -> str:
     return result.stdout
 
 
-def max_difference(a: dict, b: dict) -> float:
-    return max((a[k].float() - b[k].float()).abs().max().item() for k in a if a[k].is_floating_point())
+def distance(a: dict, b: dict) -> float:
+    """L2 distance between two state dicts over their floating-point tensors."""
+    return sum((a[k].double() - b[k].double()).square().sum().item()
+               for k in a if a[k].is_floating_point()) ** 0.5
+
+
+def relative_difference(a: dict, b: dict, start: dict) -> float:
+    """|a - b| relative to the update |a - start| that training made."""
+    return distance(a, b) / distance(a, start)
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +93,9 @@ def test_two_processes_match_one_process_with_the_double_batch_and_resume_in_one
     one3 = load_checkpoint(root / "one" / "checkpoints" / "step_3.pt")
     two3 = load_checkpoint(root / "two" / "checkpoints" / "step_3.pt")
     assert two3["world_size"] == 2 and one3["world_size"] == 1
-    assert max_difference(one3["backbone"], start["backbone"]) > 0.1
-    assert max_difference(one3["backbone"], two3["backbone"]) < TOL
-    assert max_difference(one3["head"], two3["head"]) < TOL
+    assert distance(one3["backbone"], start["backbone"]) > 0.1
+    assert relative_difference(one3["backbone"], two3["backbone"], start["backbone"]) < TOL
+    assert relative_difference(one3["head"], two3["head"], start["head"]) < TOL
     lr = [c["optimizer"]["param_groups"][0]["lr"] for c in (one3, two3)]
     assert lr[0] == pytest.approx(lr[1])
 
@@ -96,8 +106,8 @@ def test_two_processes_match_one_process_with_the_double_batch_and_resume_in_one
     run_train(config, "train.max_steps=6", f"train.output_dir={root / 'one'}")
     one6 = load_checkpoint(root / "one" / "checkpoints" / "step_6.pt")
     two6 = load_checkpoint(root / "two" / "checkpoints" / "step_6.pt")
-    assert max_difference(one6["backbone"], two6["backbone"]) < TOL
-    assert max_difference(one6["head"], two6["head"]) < TOL
-    assert max_difference(one6["backbone"], one3["backbone"]) > 0.01
+    assert relative_difference(one6["backbone"], two6["backbone"], start["backbone"]) < TOL
+    assert relative_difference(one6["head"], two6["head"], start["head"]) < TOL
+    assert distance(one6["backbone"], one3["backbone"]) > 0.01
     full = two6["head_optimizer"]["full"]["momentum_buffer"]["weight"]
     assert full.shape == (8, 16) and full.abs().max() > 0
