@@ -106,8 +106,8 @@ def sample_traits(rng: np.random.Generator) -> FaceTraits:
     u = rng.uniform
     tone = u(0.0, 1.0)
     skin = np.array([250, 218, 190]) * (1 - tone) + np.array([95, 60, 42]) * tone
-    skin = _colour(rng, skin, 10)
-    hair = _colour(rng, _HAIR_COLOURS[rng.integers(len(_HAIR_COLOURS))], 12)
+    skin = _colour(rng, skin, 18)
+    hair = _colour(rng, _HAIR_COLOURS[rng.integers(len(_HAIR_COLOURS))], 30)
     lips = _colour(rng, 0.55 * np.array(skin) + 0.45 * np.array([190, 70, 80]), 12)
     n_marks = int(rng.integers(0, 4))
     marks = tuple((float(u(-0.7, 0.7)), float(u(-0.5, 0.9)), float(u(0.025, 0.06))) for _ in range(n_marks))
@@ -227,8 +227,8 @@ def render_face(t: FaceTraits, rng: np.random.Generator, size: int) -> np.ndarra
     u = rng.uniform
     img = _background(rng, n)
     yaw, pitch, roll = (
-        math.radians(u(-40, 40)),
-        math.radians(u(-20, 20)),
+        math.radians(u(-30, 30)),
+        math.radians(u(-15, 15)),
         math.radians(np.clip(rng.normal(0, 8), -25, 25)),
     )
     scale = n * 0.27 * math.exp(u(-0.15, 0.15))
@@ -392,7 +392,7 @@ def _occlude(img, rng, cam: _Camera, t: FaceTraits) -> None:
             ]
         )
         cv2.fillPoly(img, [pts], tuple(float(v) for v in rng.uniform(100, 255, 3)), cv2.LINE_AA, 4)
-    elif r < 0.3:  # some object (hand, microphone, another head) in front
+    elif r < 0.25:  # some object (hand, microphone, another head) in front
         n = img.shape[0]
         c = tuple(int(v) for v in rng.uniform(0, n, 2))
         ax = tuple(int(v) for v in rng.uniform(0.05 * n, 0.2 * n, 2))
@@ -415,8 +415,8 @@ def _degrade(img: np.ndarray, rng: np.random.Generator, size: int) -> np.ndarray
     u = rng.uniform
     g = np.linspace(-1, 1, n, dtype=np.float32)
     ang = u(0, 2 * np.pi)
-    light = 1 + u(0, 0.5) * (np.cos(ang) * g[None, :] + np.sin(ang) * g[:, None])
-    img = img * light[..., None] * np.exp(rng.normal(0, 0.12, 3)).astype(np.float32) * u(0.6, 1.25)
+    light = 1 + u(0, 0.4) * (np.cos(ang) * g[None, :] + np.sin(ang) * g[:, None])
+    img = img * light[..., None] * np.exp(rng.normal(0, 0.07, 3)).astype(np.float32) * u(0.7, 1.2)
     img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
     sigma = u(0, 1.0) * size / 64
     if sigma > 0.3:
