@@ -1,7 +1,6 @@
 """The training DataLoader: seeded shuffling, distributed sharding, per-worker file handles and seeds."""
 from __future__ import annotations
 
-import multiprocessing
 import random
 
 import cv2
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-WORKER_START = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+from .workers import WORKER_START
 
 
 def seed_worker(worker_id):

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from .align import align_face, crop_face, read_landmarks_csv
 from .errors import DataError
 from .images import decode_image, encode_image
 from .recordio import IRHeader, MXIndexedRecordIO, pack
+from .workers import worker_context
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 OUTPUT_NAMES = ("train.rec", "train.idx", "property")
@@ -74,9 +74,7 @@ def default_workers() -> int:
 def map_ordered(func: Callable, items: Sequence, workers: int | None = None, desc: str = "") -> Iterable:
     """``map(func, items)`` in order over ``workers`` processes (``<= 1``: in-process), with a progress bar.
 
-    ``func`` must be a module-level function (it is pickled to the workers). Workers start from a
-    fork server (spawn on Windows), never by forking this process: a fork taken after torch or OpenCV
-    started their thread pools can deadlock in the child.
+    ``func`` must be a module-level function (it is pickled to the workers, see ``data.workers``).
     """
     workers = default_workers() if workers is None else workers
     bar = dict(total=len(items), desc=desc, unit="img", dynamic_ncols=True, mininterval=1.0)
@@ -84,7 +82,7 @@ def map_ordered(func: Callable, items: Sequence, workers: int | None = None, des
         yield from tqdm(map(func, items), **bar)
         return
     chunksize = max(1, min(64, len(items) // (workers * 8)))
-    with get_context("spawn" if os.name == "nt" else "forkserver").Pool(workers) as pool:
+    with worker_context().Pool(workers) as pool:
         yield from tqdm(pool.imap(func, items, chunksize=chunksize), **bar)
 
 
@@ -150,41 +148,62 @@ def pack_folder(input_dir, output_dir, landmarks=None, size: int = 112, quality:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     temporary = [output_dir / f".{name}.tmp{os.getpid()}" for name in OUTPUT_NAMES]
-    skipped, ranges = [], {}
+    skipped = []
+
+    def encoded_images():
+        for label, result in zip(labels, map_ordered(_encode_or_report, jobs, workers, "pack")):
+            if isinstance(result, str):
+                if not skip_bad:
+                    raise DataError(f"{result} (use --skip-bad to leave undecodable images out)")
+                skipped.append(result)
+                continue
+            yield label, result
+
     try:
-        writer = MXIndexedRecordIO(str(temporary[1]), str(temporary[0]), "w")
-        try:
-            # record 0 goes first; its labels [A, B] are known only at the end (images may be skipped), so a
-            # placeholder of the same byte length is written now and overwritten in place afterwards.
-            writer.write_idx(0, _header_record(0, 0))
-            key = 1
-            for label, result in zip(labels, map_ordered(_encode_or_report, jobs, workers, "pack")):
-                if isinstance(result, str):
-                    if not skip_bad:
-                        raise DataError(f"{result} (use --skip-bad to leave undecodable images out)")
-                    skipped.append(result)
-                    continue
-                writer.write_idx(key, pack(IRHeader(0, float(label), key, 0), result))
-                ranges[label] = (ranges.get(label, (key,))[0], key + 1)
-                key += 1
-            if len(ranges) != len(identities):
-                empty = [name for label, (name, _) in enumerate(identities) if label not in ranges]
-                raise DataError(f"{input_dir}: identities left without a decodable image: {empty}")
-            first_identity = key
-            for label in range(len(identities)):
-                writer.write_idx(key, _header_record(*ranges[label]))
-                key += 1
-        finally:
-            writer.close()
-        _patch_first_record(temporary[0], _header_record(0, 0), _header_record(first_identity, key))
+        count = write_identity_records(temporary[0], temporary[1], encoded_images(), len(identities),
+                                       names=[name for name, _ in identities], source=str(input_dir))
         temporary[2].write_text(f"{len(identities)},{size},{size}\n")
         for tmp, final in zip(temporary, outputs):
             os.replace(tmp, final)
     finally:
         for tmp in temporary:
             tmp.unlink(missing_ok=True)
-    return {"images": first_identity - 1, "classes": len(identities), "skipped": skipped,
-            "output": output_dir}
+    return {"images": count, "classes": len(identities), "skipped": skipped, "output": output_dir}
+
+
+def write_identity_records(rec_path, idx_path, labelled_images: Iterable[tuple[int, bytes]], num_classes: int,
+                           names: Sequence[str] | None = None, source: str = "") -> int:
+    """Write ``(label, encoded image)`` pairs, grouped by label in increasing order, as an insightface pack.
+
+    Record 0 is the header (flag 2, labels ``[A, B]``), records ``1..A-1`` the images (scalar label, ``id``
+    = key), records ``A..B-1`` one per identity (labels ``[first, end)`` of its image keys, no image).
+    Every label in ``0..num_classes-1`` must have an image (an error names the missing ones by ``names``
+    and the input by ``source``). Returns the number of images written.
+    """
+    ranges = {}
+    writer = MXIndexedRecordIO(str(idx_path), str(rec_path), "w")
+    try:
+        # record 0 goes first; its labels [A, B] are known only at the end (images may be skipped), so a
+        # placeholder of the same byte length is written now and overwritten in place afterwards.
+        writer.write_idx(0, _header_record(0, 0))
+        key = 1
+        for label, image in labelled_images:
+            if label in ranges and ranges[label][1] != key or not 0 <= label < num_classes:
+                raise ValueError(f"label {label}: images must come grouped by label, in 0..{num_classes - 1}")
+            writer.write_idx(key, pack(IRHeader(0, float(label), key, 0), image))
+            ranges[label] = (ranges.get(label, (key,))[0], key + 1)
+            key += 1
+        if len(ranges) != num_classes:
+            empty = [names[i] if names else i for i in range(num_classes) if i not in ranges]
+            raise DataError(f"{source or rec_path}: identities left without a decodable image: {empty}")
+        first_identity = key
+        for label in range(num_classes):
+            writer.write_idx(key, _header_record(*ranges[label]))
+            key += 1
+    finally:
+        writer.close()
+    _patch_first_record(Path(rec_path), _header_record(0, 0), _header_record(first_identity, key))
+    return first_identity - 1
 
 
 def _header_record(start: int, end: int) -> bytes:

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from .bins import write_bin
 from .images import encode_image
-from .recordio import IRHeader, MXIndexedRecordIO, pack
+from .pack import write_identity_records
+from .workers import worker_context
 
 SUPERSAMPLE = 2  # faces are drawn at this multiple of the output size, then shrunk (anti-aliasing)
 MANIFEST = "synth.json"
@@ -481,7 +482,7 @@ def _map(tasks, workers: int):
     if workers <= 1:
         yield from map(_render_task, tasks)
         return
-    with ProcessPoolExecutor(workers) as pool:
+    with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:
         yield from pool.map(_render_task, tasks, chunksize=4)
 
 
@@ -548,27 +549,18 @@ def generate_synthetic(
             (seed, i, images_per_identity, size, (lo, hi)) for i in range(identities + verify_identities)
         ]
         bar = tqdm(total=len(tasks), desc="synth identities", unit="id", disable=not progress)
-        first_identity = 1 + identities * images_per_identity  # key of the first identity record
-        writer = MXIndexedRecordIO(str(tmp / "train.idx"), str(tmp / "train.rec"), "w")
         pool_images: dict[int, list[bytes]] = {}
-        key = 1
-        ranges = []
-        for ident, images in enumerate(_map(tasks, workers)):
-            if ident < identities:
-                ranges.append((key, key + len(images)))
-                for jpeg in images:
-                    writer.write_idx(key, pack(IRHeader(0, float(ident), key, 0), jpeg))
-                    key += 1
-            else:
-                pool_images[ident] = images
-            bar.update(1)
+
+        def training_images():  # keeps the held-out identities' images for the .bin
+            for ident, images in enumerate(_map(tasks, workers)):
+                bar.update(1)
+                if ident < identities:
+                    yield from ((ident, jpeg) for jpeg in images)
+                else:
+                    pool_images[ident] = images
+
+        write_identity_records(tmp / "train.rec", tmp / "train.idx", training_images(), identities)
         bar.close()
-        for ident, (begin, end) in enumerate(ranges):
-            writer.write_idx(first_identity + ident, pack(IRHeader(0, [float(begin), float(end)], 0, 0), b""))
-        writer.write_idx(
-            0, pack(IRHeader(0, [float(first_identity), float(first_identity + identities)], 0, 0), b"")
-        )
-        writer.close()
         (tmp / "property").write_text(f"{identities},{size},{size}\n")
         bins = [img for a, i, b, j, _ in pairs for img in (pool_images[a][i], pool_images[b][j])]
         write_bin(tmp / "synth.bin", bins, [same for *_, same in pairs])

@@ -86,6 +86,16 @@ def test_insightface_layout(synth):
     assert image.shape == (3, SIZE, SIZE) and label == 1
 
 
+def test_header_record_comes_first_so_a_lost_index_can_be_rebuilt(synth, tmp_path):
+    """Without train.idx the index is rebuilt in file order: the header must be the file's first record."""
+    path, _ = synth
+    for name in ("train.rec", "property"):
+        (tmp_path / name).write_bytes((path / name).read_bytes())
+    dataset = FaceRecordDataset(tmp_path, train=False)
+    assert dataset.num_classes == IDS and len(dataset) == IDS * PER_ID
+    assert sorted(dataset.labels.tolist()) == np.repeat(np.arange(IDS), PER_ID).tolist()
+
+
 def test_verification_pairs_held_out_in_ten_folds(synth):
     path, _ = synth
     images, issame = load_bin(path / "synth.bin")
