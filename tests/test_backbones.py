@@ -8,12 +8,7 @@ from backbones import BACKBONES, NORMS, build_backbone
 TINY = {"width": 8, "input_size": 32, "embedding_size": 16}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_input(name: str, norm: str) -> int:

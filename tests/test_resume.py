@@ -21,6 +21,7 @@ from facerec.config import load_config
 from facerec.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +42,11 @@ def config_path(tmp_path_factory):
 
 
 def run(config_path: Path, *overrides: str) -> tuple[dict, str]:
-    """Train in this process with one thread, as the killed subprocess (OMP_NUM_THREADS=1): float sums in
-    another order differ by 1e-7 at first and grow to 1e-1 within 16 steps at this lr."""
-    out, threads = io.StringIO(), torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with contextlib.redirect_stdout(out):
-            summary = train(load_config(config_path, overrides))
-    finally:
-        torch.set_num_threads(threads)
+    """Train in this process (one thread, as the killed subprocess with OMP_NUM_THREADS=1: float sums in
+    another order differ by 1e-7 at first and grow to 1e-1 within 16 steps at this lr)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        summary = train(load_config(config_path, overrides))
     return summary, out.getvalue()
 
 

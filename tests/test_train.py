@@ -21,13 +21,7 @@ TINY = ["model.name=iresnet18", "model.width=8", "model.input_size=32", "model.e
         "train.device=cpu", "train.batch_size=32", "train.log_every=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is as fast, and immune to the OpenMP stalls of a busy shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

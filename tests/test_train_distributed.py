@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from data import generate_synthetic
@@ -30,19 +29,16 @@ from facerec.config import load_config
 from facerec.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = 0.02
 
 
 def run_train(config: Path, *overrides: str, nproc: int = 1) -> str:
     """Train in this process (nproc 1) or under torchrun; returns what rank 0 printed."""
-    if nproc == 1:  # one thread, as each torchrun process (OMP_NUM_THREADS=1)
-        out, threads = io.StringIO(), torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with contextlib.redirect_stdout(out):
-                train(load_config(config, overrides))
-        finally:
-            torch.set_num_threads(threads)
+    if nproc == 1:  # on one thread (the one_thread fixture), as each torchrun process
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            train(load_config(config, overrides))
         return out.getvalue()
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
     result = subprocess.run([*launcher, "run.py", "train", "--config", str(config), *overrides], cwd=ROOT,
