@@ -50,8 +50,6 @@ def build_backbone(
     for key, value in (("embedding_size", embedding_size), ("input_size", input_size), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
-    if input_size % 16:
-        raise ValueError(f"input_size must be a multiple of 16, got {input_size}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     last_gamma = bool(norm_kwargs.pop("last_gamma", False))
