@@ -27,9 +27,10 @@ Conventions (all documented differences from the published code):
 Speed: SwitchNorm2d runs as one custom autograd function. Forward: per-(n, c) moments in one pass,
 the IN/LN/BN mixture on tiny (N, C) tensors, then one fused ``y = x * a + b`` with per-(n, c) ``a, b``.
 Backward: one pass gives the per-(n, c) sums of ``g`` and ``g * (x - mean)``; the hand-derived
-backward of the (N, C) statistic graph (autograd only for the BN term, which may hold the
-cross-process all-reduce) turns them into the parameter gradients and the per-(n, c) coefficients
-of ``dx = g * a + x * c2 + c1`` (two passes). Saved for backward: ``x`` and the (N, C) statistics.
+backward of the (N, C) statistic graph (autograd only for a BN term synchronised across processes,
+whose all-reduce has its own backward) turns them into the parameter gradients and the per-(n, c)
+coefficients of ``dx = g * a + x * c2 + c1`` (two passes). Saved for backward: ``x`` and the (N, C)
+statistics.
 SyncSwitchNorm2d and the traceable path (ONNX/TorchScript export, torch.compile) reuse the same code.
 """
 
@@ -325,8 +326,8 @@ class SwitchNorm2d(_SwitchNormBase):
 
         Built from the (N, C) per-instance mean and biased variance; differentiable with autograd (the
         traceable path), while the fused path runs it without a graph and calls ``_scale_shift_backward``
-        with the returned intermediates. ``bn_graph``: record autograd for the BN term only (it may hold
-        a cross-process all-reduce, whose gradient must flow through its own backward).
+        with the returned intermediates. ``bn_graph``: record autograd for a synchronised BN term (its
+        cross-process all-reduce has its own backward); a local one has a written-out backward.
         """
         factor = spatial / (spatial - 1) if spatial > 1 else 0.0  # unbiased IN variance; 0 when L = 1
         var_in = var_biased * factor
@@ -339,7 +340,7 @@ class SwitchNorm2d(_SwitchNormBase):
                 # copies: the running buffers may change before this graph's backward
                 mean_bn = self.running_mean.to(mean_in.dtype, copy=True).view(1, -1)
                 var_bn = self.running_var.to(mean_in.dtype, copy=True).view(1, -1)
-            elif bn_graph:
+            elif bn_graph and not self._batch_stats_are_local():
                 with torch.enable_grad():
                     bn_leaves = (mean_in.detach().requires_grad_(), var_in.detach().requires_grad_())
                     mean_bn, var_bn = self._batch_stats(*bn_leaves)
@@ -356,7 +357,12 @@ class SwitchNorm2d(_SwitchNormBase):
         rstd = torch.rsqrt(var + self.eps)
         scale = weight * rstd
         shift = torch.addcmul(bias, mean, scale, value=-1)
-        return scale, shift, ((*means, *variances, mean_w, var_w, mean, rstd), (factor, bn_leaves))
+        local_bn = self.using_bn and self.training and bn_leaves is None
+        return scale, shift, ((*means, *variances, mean_w, var_w, mean, rstd), (factor, local_bn, bn_leaves))
+
+    def _batch_stats_are_local(self) -> bool:
+        """True when ``_batch_stats`` reads this process's batch only (its backward is then written out)."""
+        return True
 
     @staticmethod
     def _scale_shift_backward(grad_scale, grad_shift, scale, tensors, info):
@@ -364,7 +370,7 @@ class SwitchNorm2d(_SwitchNormBase):
         terms = (len(tensors) - 4) // 2
         means, variances = tensors[:terms], tensors[terms : 2 * terms]
         mean_w, var_w, mean, rstd = tensors[2 * terms :]
-        factor, bn_leaves = info
+        factor, local_bn, bn_leaves = info
         c = grad_scale.shape[1]
         g_mean = grad_shift * scale
         g_mean.neg_()
@@ -383,7 +389,13 @@ class SwitchNorm2d(_SwitchNormBase):
         d_mean_in = torch.addcmul(g_means[1] * (mean_w[1] / c), g_mean, mean_w[0])
         d_mean_in.addcmul_(means[0] - means[1], d_var_ln, value=2.0 / c)
         d_var_in = torch.addcmul(d_var_ln / c, g_var, var_w[0])
-        if bn_leaves is not None:  # BN term of a training batch: autograd through _batch_stats
+        if local_bn:  # this batch's BN term: mean_N(mean_in), mean_N(var_in + (mean_in - mean_bn)^2)
+            n = grad_scale.shape[0]
+            d_var_bn = g_vars[2] * var_w[2]
+            d_mean_in.addcmul_(g_means[2], mean_w[2], value=1.0 / n)
+            d_mean_in.addcmul_(means[0] - means[2], d_var_bn, value=2.0 / n)
+            d_var_in.add_(d_var_bn, alpha=1.0 / n)
+        elif bn_leaves is not None:  # BN term synchronised across processes: autograd through _batch_stats
             leaves, outputs = bn_leaves[:2], bn_leaves[2:]
             d_mean_bn, d_var_bn = torch.autograd.grad(
                 outputs, leaves, (g_means[2] * mean_w[2], g_vars[2] * var_w[2]), retain_graph=True
@@ -426,12 +438,15 @@ class SyncSwitchNorm2d(SwitchNorm2d):
         super().__init__(num_features, eps, momentum, using_bn, using_moving_average, last_gamma)
         self.process_group = process_group
 
-    def _batch_stats(self, mean_in, var_in):
+    def _batch_stats_are_local(self) -> bool:
         if not (dist.is_available() and dist.is_initialized()):
+            return True
+        return dist.get_world_size(self.process_group) == 1
+
+    def _batch_stats(self, mean_in, var_in):
+        if self._batch_stats_are_local():
             return super()._batch_stats(mean_in, var_in)
         world = dist.get_world_size(self.process_group)
-        if world == 1:
-            return super()._batch_stats(mean_in, var_in)
         mean_local, var_local = super()._batch_stats(mean_in, var_in)
         packed = torch.cat([mean_local, var_local + mean_local.square()])  # (2, C): mean, E[var + mu^2]
         packed = _AllReduceSum.apply(packed, self.process_group) / world
