@@ -6,7 +6,7 @@ from .errors import DataError
 from .images import decode_image, encode_image, to_tensor
 from .loader import build_loader
 from .pack import pack_folder
-from .synth import generate_synthetic
+from .synth import generate_synthetic, synthetic_set_differences
 from .verification_sets import make_bin_cfp, make_bin_lfw
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "make_bin_lfw",
     "pack_folder",
     "similarity_transform",
+    "synthetic_set_differences",
     "to_tensor",
     "write_bin",
 ]

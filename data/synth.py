@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .bins import write_bin
+from .errors import DataError
 from .images import encode_image
 from .pack import write_identity_records
 from .workers import worker_context
@@ -489,6 +490,55 @@ def _map(tasks, workers: int):
 OUTPUT_FILES = ("train.rec", "train.idx", "property", "synth.bin", MANIFEST)
 
 
+def _resolved_arguments(identities, images_per_identity, size, seed, verify_identities, verify_pairs,
+                        quality_range) -> dict:
+    """generate_synthetic's arguments, checked, with the defaults of ``None`` filled in."""
+    if identities < 1 or images_per_identity < 2 or size < 8:
+        raise ValueError(
+            f"need identities >= 1, images_per_identity >= 2, size >= 8; got {identities}, "
+            f"{images_per_identity}, {size}"
+        )
+    lo, hi = (int(q) for q in quality_range)
+    if not 1 <= lo <= hi <= 100:
+        raise ValueError(f"quality_range must be (low, high) within 1..100, got {quality_range}")
+    return {
+        "seed": int(seed),
+        "identities": int(identities),
+        "images_per_identity": int(images_per_identity),
+        "size": int(size),
+        "verify_identities": (
+            max(2 * FOLDS, identities // 4) if verify_identities is None else int(verify_identities)
+        ),
+        "verify_pairs": 3000 if verify_pairs is None else int(verify_pairs),
+        "quality_range": [lo, hi],
+    }
+
+
+def synthetic_set_differences(
+    output_dir,
+    identities: int,
+    images_per_identity: int,
+    size: int,
+    seed: int,
+    verify_identities: int | None = None,
+    verify_pairs: int | None = 3000,
+    quality_range=(40, 95),
+) -> dict:
+    """``{argument: (found, asked)}`` for each generate_synthetic argument (same signature) that differs
+    from the ones ``output_dir/synth.json`` records; empty when they all match or there is no manifest."""
+    path = Path(output_dir) / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        manifest = json.loads(path.read_text())
+        found = {**manifest, "verify_identities": len(manifest["verify_identities"])}
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: not a synthetic-set manifest ({err})") from None
+    asked = _resolved_arguments(identities, images_per_identity, size, seed, verify_identities, verify_pairs,
+                                quality_range)
+    return {key: (found.get(key), value) for key, value in asked.items() if found.get(key) != value}
+
+
 def generate_synthetic(
     output_dir,
     identities: int,
@@ -513,18 +563,11 @@ def generate_synthetic(
     import time
 
     out = Path(output_dir)
-    if identities < 1 or images_per_identity < 2 or size < 8:
-        raise ValueError(
-            f"need identities >= 1, images_per_identity >= 2, size >= 8; got {identities}, "
-            f"{images_per_identity}, {size}"
-        )
-    lo, hi = (int(q) for q in quality_range)
-    if not 1 <= lo <= hi <= 100:
-        raise ValueError(f"quality_range must be (low, high) within 1..100, got {quality_range}")
-    verify_identities = (
-        max(2 * FOLDS, identities // 4) if verify_identities is None else int(verify_identities)
+    args = _resolved_arguments(identities, images_per_identity, size, seed, verify_identities, verify_pairs,
+                               quality_range)
+    verify_identities, verify_pairs, (lo, hi) = (
+        args["verify_identities"], args["verify_pairs"], args["quality_range"]
     )
-    verify_pairs = 3000 if verify_pairs is None else int(verify_pairs)
     verify_ids = list(range(identities, identities + verify_identities))
     pairs = verification_pairs(
         np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(2,))),

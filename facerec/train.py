@@ -79,13 +79,22 @@ def prepare_train_data(data_cfg: dict, info: DistInfo) -> Path:
     if data_cfg["train"] is None:
         raise ValueError("data.train is not set: give a dataset directory (train.rec/idx) or an image folder")
     path = Path(data_cfg["train"])
-    if not path.exists() and data_cfg["synth"] is not None:
-        if info.is_main:
-            from data import generate_synthetic
+    if data_cfg["synth"] is not None:
+        from data import generate_synthetic, synthetic_set_differences
 
-            print(f"generating synthetic training data in {path} ...", flush=True)
-            generate_synthetic(path, **data_cfg["synth"])
-        barrier()
+        if not path.exists():
+            if info.is_main:
+                print(f"generating synthetic training data in {path} ...", flush=True)
+                generate_synthetic(path, **data_cfg["synth"])
+            barrier()
+        differences = synthetic_set_differences(path, **data_cfg["synth"])
+        if differences:
+            listed = "; ".join(f"{key}: {found} there, {asked} asked" for key, (found, asked)
+                               in differences.items())
+            raise ValueError(
+                f"data.train: {path} holds a synthetic set made with other data.synth settings ({listed}). "
+                "Delete that directory to generate the configured one, or point data.train elsewhere."
+            )
     if not path.exists():
         raise FileNotFoundError(f"data.train: no such file or directory: {path}")
     return path

@@ -137,3 +137,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(synth_dir, tmp
     state = load_checkpoint(kept[0])
     assert all(torch.isfinite(v).all() for v in state["backbone"].values() if v.is_floating_point())
     assert torch.isfinite(state["head"]["weight"]).all()
+
+
+def test_a_synthetic_set_made_with_other_settings_is_refused(synth_dir, tmp_path):
+    """data.synth describes the set at data.train: a stale one (other settings) stops the run, untouched."""
+    train(tiny_config(synth_dir, tmp_path / "first", "train.max_steps=1", "train.baselines=false"))
+    before = {p.name: p.stat().st_mtime_ns for p in synth_dir.iterdir()}
+    with pytest.raises(ValueError, match=r"images_per_identity: 12 there, 14 asked") as err:
+        train(tiny_config(synth_dir, tmp_path / "second", "data.synth.images_per_identity=14"))
+    assert str(synth_dir) in str(err.value) and "Delete that directory" in str(err.value)
+    assert {p.name: p.stat().st_mtime_ns for p in synth_dir.iterdir()} == before
