@@ -87,15 +87,14 @@ def _unbiased_var(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.var(dim, keepdim=True, correction=1)
 
 
-def _instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-(n, c) mean and biased variance of a (N, C, H, W) tensor, shapes (N, C)."""
+def _instance_moments(x: torch.Tensor, ones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(n, c) mean and biased variance of a (N, C, H, W) tensor, shapes (N, C); ``ones``: N * C ones."""
     n, c = x.shape[:2]
     if x.is_contiguous():
         xv = x.view(1, n * c, -1)
         spatial = xv.shape[2]
         with _one_thread(x.device):
             shift = xv[0, :, 0].contiguous()  # a sample of each (n, c) slice: keeps the sums well conditioned
-            _, ones = _unit_stats(shift)
         # sum(x * (x - shift)) and sum(x) per (n, c) in one pass (the reductions of BN's backward kernel).
         _, sxs, sx = torch.ops.aten.native_batch_norm_backward(
             xv, xv, None, None, None, shift, ones, True, 0.0, [False, True, True]
@@ -103,27 +102,31 @@ def _instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with _one_thread(x.device):
             mean = sx / spatial
             # sum((x - mean)^2) = sum(x * (x - shift)) - sum(x) * (mean - shift)
-            var = (sxs - sx * (mean - shift)).div_(spatial).clamp_min_(0)
+            var = torch.addcmul(sxs, sx, mean - shift, value=-1).div_(spatial).clamp_min_(0)
         return mean.view(n, c), var.view(n, c)
     var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
     return mean, var
 
 
-def _unit_stats(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat zeros and ones shaped like ``like``: unit statistics that turn BN kernels into x * a + b."""
+def _unit_stats(size: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``size`` zeros and ones (``like``'s dtype and device): unit statistics that turn BN kernels into
+    x * a + b and into per-slice sums."""
     with _one_thread(like.device):
-        return torch.zeros_like(like).view(-1), torch.ones_like(like).view(-1)
+        return like.new_zeros(size), like.new_ones(size)
 
 
 def _mix(weights: torch.Tensor, terms: list) -> torch.Tensor:
     """sum_k weights[k] * terms[k]; terms[0] is (N, C), the others broadcast to it."""
-    rest = sum(weights[k] * terms[k] for k in range(1, len(terms)))
-    return torch.addcmul(rest, terms[0], weights[0])
+    weights = weights.unbind()
+    mixed = terms[1] * weights[1]
+    for k in range(2, len(terms)):
+        mixed = torch.addcmul(mixed, terms[k], weights[k])
+    return torch.addcmul(mixed, terms[0], weights[0])
 
 
 def _dots(grads: list, terms: list) -> torch.Tensor:
     """Vector of sum(grads[k] * terms[k]): the gradient of a mixture w.r.t. its weights."""
-    return torch.stack([(g * t).sum() for g, t in zip(grads, terms)])
+    return torch.stack([torch.vdot(g.reshape(-1), t.reshape(-1)) for g, t in zip(grads, terms)])
 
 
 def _softmax_backward(weights: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -139,16 +142,17 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(_compute_dtype(x.dtype))
             n, c = x.shape[:2]
-            mean, var = _instance_moments(xc)
+            unit = _unit_stats(n * c, xc)
+            mean, var = _instance_moments(xc, unit[1])
             param_dtypes = [p.dtype for p in params]
-            params = [p.detach().to(xc.dtype) for p in params]
+            params = [p.to(xc.dtype) for p in params]  # no graph is recorded in a Function's forward
             with _one_thread(x.device):
                 a, b, saved = layer._scale_shift(
                     mean, var, *params, spatial=x[0, 0].numel(), bn_graph=needs_grad
                 )
             if xc.is_contiguous():  # x * a + b in one pass: eval-mode BN forward with unit statistics
                 xv = xc.view(1, n * c, -1)
-                y = torch.native_batch_norm(xv, a.view(-1), b.view(-1), *_unit_stats(a), False, 0.0, 0.0)[0]
+                y = torch.native_batch_norm(xv, a.view(-1), b.view(-1), *unit, False, 0.0, 0.0)[0]
                 y = y.view_as(x)
             else:
                 y = torch.addcmul(b[..., None, None], xc, a[..., None, None])
@@ -157,6 +161,7 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
             ctx.save_for_backward(x, mean, a, *tensors)
             ctx.layer = layer
             ctx.param_dtypes = param_dtypes
+            ctx.unit = unit
         return y.to(x.dtype)
 
     @staticmethod
@@ -173,9 +178,8 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
                 g = g.contiguous()
                 xv, gv = xc.view(1, n * c, -1), g.view(1, n * c, -1)
                 # sum(g * (x - mean)) and sum(g) per (n, c) in one pass (BN backward's reductions).
-                _, ones = _unit_stats(mean)
                 _, sgxc, sg = torch.ops.aten.native_batch_norm_backward(
-                    gv, xv, None, None, None, mean.view(-1), ones, True, 0.0, [False, True, True]
+                    gv, xv, None, None, None, mean.view(-1), ctx.unit[1], True, 0.0, [False, True, True]
                 )
                 sgxc, sg = sgxc.view(n, c), sg.view(n, c)
             else:
@@ -189,8 +193,7 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
             dx_out = None
             if ctx.needs_input_grad[0]:
                 if fused:  # x * c2 + c1 in one pass (eval-mode BN forward with unit stats), then + g * a
-                    unit = _unit_stats(c1)
-                    dx = torch.native_batch_norm(xv, c2.view(-1), c1.view(-1), *unit, False, 0.0, 0.0)[0]
+                    dx = torch.native_batch_norm(xv, c2.view(-1), c1.view(-1), *ctx.unit, False, 0.0, 0.0)[0]
                     dx = dx.view_as(xc)
                     dx.addcmul_(g, a[..., None, None])
                 else:
