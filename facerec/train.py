@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -379,7 +380,11 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.backbone.parameters(), self.tcfg["grad_clip"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.schedule.step()
+        with warnings.catch_warnings():
+            # fp16: the scaler skips the optimizer step of a batch with inf/nan gradients (as it should),
+            # and the schedule still advances one iteration; torch would warn about the call order.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
+            self.schedule.step()
         return value
 
     def fit(self) -> dict:
