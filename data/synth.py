@@ -9,6 +9,7 @@ from ``(seed, identity, image)``, so the bytes written depend on the arguments o
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -514,18 +515,10 @@ def _resolved_arguments(identities, images_per_identity, size, seed, verify_iden
     }
 
 
-def synthetic_set_differences(
-    output_dir,
-    identities: int,
-    images_per_identity: int,
-    size: int,
-    seed: int,
-    verify_identities: int | None = None,
-    verify_pairs: int | None = 3000,
-    quality_range=(40, 95),
-) -> dict:
-    """``{argument: (found, asked)}`` for each generate_synthetic argument (same signature) that differs
-    from the ones ``output_dir/synth.json`` records; empty when they all match or there is no manifest."""
+def synthetic_set_differences(output_dir, **arguments) -> dict:
+    """``{argument: (found, asked)}`` for each of generate_synthetic's ``arguments`` (its keywords:
+    identities, images_per_identity, size, seed, ...; defaults filled in) that differs from what
+    ``output_dir/synth.json`` records; empty when they all match or there is no manifest."""
     path = Path(output_dir) / MANIFEST
     if not path.is_file():
         return {}
@@ -534,8 +527,11 @@ def synthetic_set_differences(
         found = {**manifest, "verify_identities": len(manifest["verify_identities"])}
     except (ValueError, KeyError, TypeError) as err:
         raise DataError(f"{path}: not a synthetic-set manifest ({err})") from None
-    asked = _resolved_arguments(identities, images_per_identity, size, seed, verify_identities, verify_pairs,
-                                quality_range)
+    bound = inspect.signature(generate_synthetic).bind(output_dir, **arguments)
+    bound.apply_defaults()
+    args = bound.arguments
+    asked = _resolved_arguments(args["identities"], args["images_per_identity"], args["size"], args["seed"],
+                                args["verify_identities"], args["verify_pairs"], args["quality_range"])
     return {key: (found.get(key), value) for key, value in asked.items() if found.get(key) != value}
 
 
