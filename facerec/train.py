@@ -83,11 +83,11 @@ def prepare_train_data(data_cfg: dict, info: DistInfo) -> Path:
     if data_cfg["synth"] is not None:
         from data import generate_synthetic, synthetic_set_differences
 
-        if not path.exists():
-            if info.is_main:
-                print(f"generating synthetic training data in {path} ...", flush=True)
-                generate_synthetic(path, **data_cfg["synth"])
-            barrier()
+        # rank 0 alone decides and generates; every rank waits, whatever it saw of a half-written set
+        if info.is_main and not path.exists():
+            print(f"generating synthetic training data in {path} ...", flush=True)
+            generate_synthetic(path, **data_cfg["synth"])
+        barrier()
         differences = synthetic_set_differences(path, **data_cfg["synth"])
         if differences:
             listed = "; ".join(f"{key}: {found} there, {asked} asked" for key, (found, asked)

@@ -151,3 +151,25 @@ def test_a_synthetic_set_made_with_other_settings_is_refused(synth_dir, tmp_path
         train(tiny_config(synth_dir, tmp_path / "second", "data.synth.images_per_identity=14"))
     assert str(synth_dir) in str(err.value) and "Delete that directory" in str(err.value)
     assert {p.name: p.stat().st_mtime_ns for p in synth_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("is_main", [True, False])
+@pytest.mark.parametrize("exists", [True, False])
+def test_every_rank_waits_once_for_the_synthetic_set(tmp_path, monkeypatch, is_main, exists):
+    """Ranks pass the same barriers whatever they see: another rank may see rank 0's half-written set."""
+    import facerec.train as engine
+    from facerec.distributed import DistInfo
+
+    data_cfg = tiny_config(tmp_path / "set", tmp_path / "run")["data"]
+    if exists:
+        (tmp_path / "set").mkdir()
+    waits = []
+
+    def barrier():  # by the time it returns, rank 0 has made the set
+        waits.append(1)
+        (tmp_path / "set").mkdir(exist_ok=True)
+
+    monkeypatch.setattr(engine, "barrier", barrier)
+    monkeypatch.setattr("data.generate_synthetic", lambda path, **kw: Path(path).mkdir())
+    engine.prepare_train_data(data_cfg, DistInfo(0 if is_main else 1, 2, 0, torch.device("cpu")))
+    assert len(waits) == 1
