@@ -603,17 +603,9 @@ def generate_synthetic(
         (tmp / "property").write_text(f"{identities},{size},{size}\n")
         bins = [img for a, i, b, j, _ in pairs for img in (pool_images[a][i], pool_images[b][j])]
         write_bin(tmp / "synth.bin", bins, [same for *_, same in pairs])
-        manifest = {
-            "seed": seed,
-            "identities": identities,
-            "images_per_identity": images_per_identity,
-            "size": size,
-            "verify_identities": verify_ids,
-            "verify_pairs": verify_pairs,
-            "quality_range": [lo, hi],
-            "train_identities": [0, identities],
-            "pairs": [list(p[:4]) for p in pairs],
-        }
+        # the resolved arguments (what synthetic_set_differences compares), held-out ids listed
+        manifest = {**args, "verify_identities": verify_ids, "train_identities": [0, identities],
+                    "pairs": [list(p[:4]) for p in pairs]}
         (tmp / MANIFEST).write_text(json.dumps(manifest) + "\n")
         for name in OUTPUT_FILES:
             os.replace(tmp / name, out / name)
