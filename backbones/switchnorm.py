@@ -24,8 +24,11 @@ Conventions (all documented differences from the published code):
 - Statistics are computed in float32 (float64 stays float64) with autocast disabled; the output has
   the input's dtype.
 
-Speed: SwitchNorm2d runs as one custom autograd function. Forward: per-(n, c) moments in one pass,
-the IN/LN/BN mixture on tiny (N, C) tensors, then one fused ``y = x * a + b`` with per-(n, c) ``a, b``.
+Speed: SwitchNorm2d runs as one custom autograd function, which gets tensors and frozen options (never
+the layer) and changes no state: the layer folds the BN term it returns into the running statistics.
+Forward: per-(n, c) moments in one pass, the IN/LN/BN mixture on tiny (N, C) tensors, then one fused
+``y = x * a + b`` with per-(n, c) ``a, b``. The one-pass kernels are BN's own, reused with unit
+statistics (``_slice_sums``, ``_slice_affine``).
 Backward: one pass gives the per-(n, c) sums of ``g`` and ``g * (x - mean)``; the hand-derived
 backward of the (N, C) statistic graph (autograd only for a BN term synchronised across processes,
 whose all-reduce has its own backward) turns them into the parameter gradients and the per-(n, c)
@@ -35,7 +38,7 @@ SyncSwitchNorm2d and the traceable path (ONNX/TorchScript export, torch.compile)
 """
 
 import warnings
-from contextlib import contextmanager
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -51,23 +54,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-@contextmanager
-def _one_thread(device: torch.device):
-    """Run the tiny (N, C) statistic ops on one CPU thread.
+class _SNOptions(NamedTuple):
+    """What the SN statistics need from a layer for one call, frozen (the autograd function never sees
+    the layer): ``synced`` takes the BN term over all processes of ``process_group``."""
 
-    They are latency-bound: at N * C >= 32768 PyTorch splits each of them across threads, and the
-    per-op synchronisation then costs more than the work (far more on a busy machine). The thread
-    count is restored on exit (OpenMP applies it to the calling thread's parallel regions).
-    """
-    threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    eps: float
+    using_bn: bool
+    training: bool
+    synced: bool = False
+    process_group: Any = None
 
 
 def _quiet_when_jit_tracing(fn, *args):
@@ -87,32 +82,37 @@ def _unbiased_var(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.var(dim, keepdim=True, correction=1)
 
 
+def _slice_sums(g: torch.Tensor, x: torch.Tensor, center: torch.Tensor, ones: torch.Tensor):
+    """``sum(g * (x - center))`` and ``sum(g)`` over each slice ``[0, s, :]`` of (1, S, L) tensors, in
+    one pass; ``center`` and ``ones``: (S,). These are the two reductions of BN's backward kernel (its
+    weight and bias gradients), which with unit inverse std (``ones``) are the sums themselves."""
+    _, centered, total = torch.ops.aten.native_batch_norm_backward(
+        g, x, None, None, None, center, ones, True, 0.0, [False, True, True]
+    )
+    return centered, total
+
+
+def _slice_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, unit) -> torch.Tensor:
+    """``x * scale + shift`` per slice ``[0, s, :]`` of a (1, S, L) tensor, in one pass; ``unit``: (S,)
+    zeros and ones. This is eval-mode BN's kernel with running mean 0, running variance 1 and eps 0."""
+    zeros, ones = unit
+    return torch.native_batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0)[0]
+
+
 def _instance_moments(x: torch.Tensor, ones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(n, c) mean and biased variance of a (N, C, H, W) tensor, shapes (N, C); ``ones``: N * C ones."""
     n, c = x.shape[:2]
     if x.is_contiguous():
         xv = x.view(1, n * c, -1)
         spatial = xv.shape[2]
-        with _one_thread(x.device):
-            shift = xv[0, :, 0].contiguous()  # a sample of each (n, c) slice: keeps the sums well conditioned
-        # sum(x * (x - shift)) and sum(x) per (n, c) in one pass (the reductions of BN's backward kernel).
-        _, sxs, sx = torch.ops.aten.native_batch_norm_backward(
-            xv, xv, None, None, None, shift, ones, True, 0.0, [False, True, True]
-        )
-        with _one_thread(x.device):
-            mean = sx / spatial
-            # sum((x - mean)^2) = sum(x * (x - shift)) - sum(x) * (mean - shift)
-            var = torch.addcmul(sxs, sx, mean - shift, value=-1).div_(spatial).clamp_min_(0)
+        shift = xv[0, :, 0].contiguous()  # a sample of each (n, c) slice: keeps the sums well conditioned
+        sxs, sx = _slice_sums(xv, xv, shift, ones)  # sum(x * (x - shift)), sum(x)
+        mean = sx / spatial
+        # sum((x - mean)^2) = sum(x * (x - shift)) - sum(x) * (mean - shift)
+        var = torch.addcmul(sxs, sx, mean - shift, value=-1).div_(spatial).clamp_min_(0)
         return mean.view(n, c), var.view(n, c)
     var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
     return mean, var
-
-
-def _unit_stats(size: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``size`` zeros and ones (``like``'s dtype and device): unit statistics that turn BN kernels into
-    x * a + b and into per-slice sums."""
-    with _one_thread(like.device):
-        return like.new_zeros(size), like.new_ones(size)
 
 
 def _mix(weights: torch.Tensor, terms: list) -> torch.Tensor:
@@ -133,40 +133,144 @@ def _softmax_backward(weights: torch.Tensor, grad: torch.Tensor) -> torch.Tensor
     return weights * (grad - (weights * grad).sum())
 
 
+def _bn_term(batch_stats, running: tuple, training: bool, dtype: torch.dtype):
+    """The BN term (mean_bn, var_bn), each (1, C): ``batch_stats()`` in training; in eval, copies of the
+    ``running`` buffers in ``dtype`` (copies: the buffers may change before a graph's backward)."""
+    if training:
+        return batch_stats()
+    return tuple(r.to(dtype, copy=True).view(1, -1) for r in running)
+
+
+def _batch_stats(mean_in: torch.Tensor, var_in: torch.Tensor, opts: _SNOptions):
+    """Per-channel BN statistics (1, C) of the batch from its (N, C) IN statistics (``var_in`` unbiased).
+
+    Synced: the per-channel mean of ``mu`` and of ``var + mu^2`` is averaged over the processes with a
+    differentiable all-reduce (its backward is itself an all-reduce), assuming equal batches."""
+    mean_bn = mean_in.mean(0, keepdim=True)
+    var_bn = var_in.mean(0, keepdim=True) + (mean_in - mean_bn).square().mean(0, keepdim=True)
+    if not opts.synced:
+        return mean_bn, var_bn
+    world = dist.get_world_size(opts.process_group)
+    packed = torch.cat([mean_bn, var_bn + mean_bn.square()])  # (2, C): mean, E[var + mu^2]
+    packed = _AllReduceSum.apply(packed, opts.process_group) / world
+    mean_bn = packed[:1]
+    return mean_bn, packed[1:] - mean_bn.square()
+
+
+def _scale_shift(mean_in, var_biased, params, running, opts: _SNOptions, *, spatial, bn_graph=False):
+    """Per-(n, c) scale ``a`` and shift ``b`` of the output ``x * a + b`` (tiny (N, C) tensors).
+
+    Built from the (N, C) per-instance mean and biased variance, ``params`` (weight, bias, mean_weight,
+    var_weight) and the ``running`` (mean, var) buffers (read in eval). Differentiable with autograd
+    (the traceable path), while the fused path runs it without a graph and calls ``_scale_shift_backward``
+    with the returned intermediates. ``bn_graph``: record autograd for a synced BN term (its all-reduce
+    has its own backward); a local one has a written-out backward. Returns ``(a, b, bn, saved)``:
+    ``bn`` the (mean_bn, var_bn) used (None without a BN term).
+    """
+    weight, bias, mean_weight, var_weight = params
+    factor = spatial / (spatial - 1) if spatial > 1 else 0.0  # unbiased IN variance; 0 when L = 1
+    var_in = var_biased * factor
+    mean_ln = mean_in.mean(1, keepdim=True)
+    # var_ln = mean_C(var_in + mean_in^2) - mean_ln^2, written without cancellation.
+    var_ln = var_in.mean(1, keepdim=True) + (mean_in - mean_ln).square().mean(1, keepdim=True)
+    means, variances, bn, bn_leaves = [mean_in, mean_ln], [var_in, var_ln], None, None
+    if opts.using_bn:
+        if opts.training and bn_graph and opts.synced:
+            with torch.enable_grad():
+                bn_leaves = (mean_in.detach().requires_grad_(), var_in.detach().requires_grad_())
+                mean_bn, var_bn = _batch_stats(*bn_leaves, opts)
+            bn_leaves += (mean_bn, var_bn)
+            mean_bn, var_bn = mean_bn.detach(), var_bn.detach()
+        else:
+            batch_stats = lambda: _batch_stats(mean_in, var_in, opts)
+            mean_bn, var_bn = _bn_term(batch_stats, running, opts.training, mean_in.dtype)
+        bn = (mean_bn, var_bn)
+        means.append(mean_bn)
+        variances.append(var_bn)
+    mean_w, var_w = mean_weight.softmax(0), var_weight.softmax(0)
+    mean, var = _mix(mean_w, means), _mix(var_w, variances)
+    rstd = torch.rsqrt(var + opts.eps)
+    scale = weight * rstd
+    shift = torch.addcmul(bias, mean, scale, value=-1)
+    local_bn = opts.using_bn and opts.training and bn_leaves is None
+    saved = ((*means, *variances, mean_w, var_w, mean, rstd), (factor, local_bn, bn_leaves))
+    return scale, shift, bn, saved
+
+
+def _scale_shift_backward(grad_scale, grad_shift, scale, tensors, info):
+    """Gradients of ``_scale_shift``: (mean_in, var_biased, weight, bias, mean_weight, var_weight)."""
+    terms = (len(tensors) - 4) // 2
+    means, variances = tensors[:terms], tensors[terms : 2 * terms]
+    mean_w, var_w, mean, rstd = tensors[2 * terms :]
+    factor, local_bn, bn_leaves = info
+    c = grad_scale.shape[1]
+    g_mean = grad_shift * scale
+    g_mean.neg_()
+    g_scale = torch.addcmul(grad_scale, grad_shift, mean, value=-1)
+    d_weight = (g_scale * rstd).sum(0)
+    d_bias = grad_shift.sum(0)
+    g_var = g_scale * scale
+    g_var.mul_(rstd).mul_(rstd).mul_(-0.5)  # d rstd / d var = -rstd^3 / 2
+    # each mixture term's gradient, reduced to that term's shape: (N, C), (N, 1) LN, (1, C) BN
+    g_means = [g_mean, g_mean.sum(1, keepdim=True), g_mean.sum(0, keepdim=True)][: len(means)]
+    g_vars = [g_var, g_var.sum(1, keepdim=True), g_var.sum(0, keepdim=True)][: len(variances)]
+    d_mean_weight = _softmax_backward(mean_w, _dots(g_means, means))
+    d_var_weight = _softmax_backward(var_w, _dots(g_vars, variances))
+    # IN term, then LN: mean_ln = mean_C(mean_in), var_ln = mean_C(var_in + (mean_in - mean_ln)^2)
+    d_var_ln = g_vars[1] * var_w[1]
+    d_mean_in = torch.addcmul(g_means[1] * (mean_w[1] / c), g_mean, mean_w[0])
+    d_mean_in.addcmul_(means[0] - means[1], d_var_ln, value=2.0 / c)
+    d_var_in = torch.addcmul(d_var_ln / c, g_var, var_w[0])
+    if local_bn:  # this batch's BN term: mean_N(mean_in), mean_N(var_in + (mean_in - mean_bn)^2)
+        n = grad_scale.shape[0]
+        d_var_bn = g_vars[2] * var_w[2]
+        d_mean_in.addcmul_(g_means[2], mean_w[2], value=1.0 / n)
+        d_mean_in.addcmul_(means[0] - means[2], d_var_bn, value=2.0 / n)
+        d_var_in.add_(d_var_bn, alpha=1.0 / n)
+    elif bn_leaves is not None:  # BN term synced across processes: autograd through _batch_stats
+        leaves, outputs = bn_leaves[:2], bn_leaves[2:]
+        d_mean_bn, d_var_bn = torch.autograd.grad(
+            outputs, leaves, (g_means[2] * mean_w[2], g_vars[2] * var_w[2]), retain_graph=True
+        )
+        d_mean_in.add_(d_mean_bn)
+        d_var_in.add_(d_var_bn)
+    return d_mean_in, d_var_in.mul_(factor), d_weight, d_bias, d_mean_weight, d_var_weight
+
+
 class _SwitchNorm2dFunction(torch.autograd.Function):
-    """y = x * a + b with per-(n, c) ``a, b`` from ``layer._scale_shift`` over x's per-(n, c) moments."""
+    """``(y, mean_bn, var_bn)``: y = x * a + b with per-(n, c) ``a, b`` from ``_scale_shift`` over x's
+    per-(n, c) moments; ``mean_bn, var_bn`` (non-differentiable; None without a BN term) are the BN term
+    it used, for the caller's running statistics. Inputs: ``x, opts, running_mean, running_var, *params``."""
 
     @staticmethod
-    def forward(ctx, x, layer, *params):
+    def forward(ctx, x, opts, running_mean, running_var, *params):
         needs_grad = any(ctx.needs_input_grad)
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(_compute_dtype(x.dtype))
             n, c = x.shape[:2]
-            unit = _unit_stats(n * c, xc)
+            unit = xc.new_zeros(n * c), xc.new_ones(n * c)
             mean, var = _instance_moments(xc, unit[1])
             param_dtypes = [p.dtype for p in params]
             params = [p.to(xc.dtype) for p in params]  # no graph is recorded in a Function's forward
-            with _one_thread(x.device):
-                a, b, saved = layer._scale_shift(
-                    mean, var, *params, spatial=x[0, 0].numel(), bn_graph=needs_grad
-                )
-            if xc.is_contiguous():  # x * a + b in one pass: eval-mode BN forward with unit statistics
-                xv = xc.view(1, n * c, -1)
-                y = torch.native_batch_norm(xv, a.view(-1), b.view(-1), *unit, False, 0.0, 0.0)[0]
-                y = y.view_as(x)
+            a, b, bn, saved = _scale_shift(mean, var, params, (running_mean, running_var), opts,
+                                           spatial=x[0, 0].numel(), bn_graph=needs_grad)
+            if xc.is_contiguous():
+                y = _slice_affine(xc.view(1, n * c, -1), a.view(-1), b.view(-1), unit).view_as(x)
             else:
                 y = torch.addcmul(b[..., None, None], xc, a[..., None, None])
         if needs_grad:
             tensors, ctx.info = saved
             ctx.save_for_backward(x, mean, a, *tensors)
-            ctx.layer = layer
             ctx.param_dtypes = param_dtypes
             ctx.unit = unit
-        return y.to(x.dtype)
+        mean_bn, var_bn = bn if bn is not None else (None, None)
+        if bn is not None:
+            ctx.mark_non_differentiable(mean_bn, var_bn)
+        return y.to(x.dtype), mean_bn, var_bn
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, grad, _grad_mean_bn, _grad_var_bn):
         x, mean, a, *tensors = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(a.dtype)
@@ -177,34 +281,27 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
             if fused:
                 g = g.contiguous()
                 xv, gv = xc.view(1, n * c, -1), g.view(1, n * c, -1)
-                # sum(g * (x - mean)) and sum(g) per (n, c) in one pass (BN backward's reductions).
-                _, sgxc, sg = torch.ops.aten.native_batch_norm_backward(
-                    gv, xv, None, None, None, mean.view(-1), ctx.unit[1], True, 0.0, [False, True, True]
-                )
+                sgxc, sg = _slice_sums(gv, xv, mean.view(-1), ctx.unit[1])  # sum(g * (x - mean)), sum(g)
                 sgxc, sg = sgxc.view(n, c), sg.view(n, c)
             else:
                 sgxc, sg = (g * (xc - mean[..., None, None])).sum((2, 3)), g.sum((2, 3))
-            with _one_thread(x.device):
-                grad_a = torch.addcmul(sgxc, mean, sg)  # d loss / d a = sum(g * x)
-                backward = ctx.layer._scale_shift_backward
-                d_mean, d_var, *param_grads = backward(grad_a, sg, a, tensors, ctx.info)
-                c2 = d_var * (2.0 / spatial)  # d var / d x = 2 (x - mean) / L
-                c1 = torch.addcmul(d_mean / spatial, c2, mean, value=-1)
+            grad_a = torch.addcmul(sgxc, mean, sg)  # d loss / d a = sum(g * x)
+            d_mean, d_var, *param_grads = _scale_shift_backward(grad_a, sg, a, tensors, ctx.info)
+            c2 = d_var * (2.0 / spatial)  # d var / d x = 2 (x - mean) / L
+            c1 = torch.addcmul(d_mean / spatial, c2, mean, value=-1)
             dx_out = None
-            if ctx.needs_input_grad[0]:
-                if fused:  # x * c2 + c1 in one pass (eval-mode BN forward with unit stats), then + g * a
-                    dx = torch.native_batch_norm(xv, c2.view(-1), c1.view(-1), *ctx.unit, False, 0.0, 0.0)[0]
-                    dx = dx.view_as(xc)
-                    dx.addcmul_(g, a[..., None, None])
+            if ctx.needs_input_grad[0]:  # dx = x * c2 + c1 + g * a
+                if fused:
+                    dx = _slice_affine(xv, c2.view(-1), c1.view(-1), ctx.unit).view_as(xc)
                 else:
                     dx = torch.addcmul(c1[..., None, None], xc, c2[..., None, None])
-                    dx.addcmul_(g, a[..., None, None])
+                dx.addcmul_(g, a[..., None, None])
                 dx_out = dx.to(x.dtype)
         param_grads = [
             t.to(dt) if needed else None
-            for t, dt, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[2:])
+            for t, dt, needed in zip(param_grads, ctx.param_dtypes, ctx.needs_input_grad[4:])
         ]
-        return (dx_out, None, *param_grads)
+        return (dx_out, None, None, None, *param_grads)
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -280,14 +377,6 @@ class _SwitchNormBase(nn.Module):
         self.running_mean.lerp_(mean_bn.detach().reshape(-1).to(self.running_mean.dtype), rate)
         self.running_var.lerp_(var_bn.detach().reshape(-1).to(self.running_var.dtype), rate)
 
-    def _bn_term(self, mean_bn_fn):
-        """(mean_bn, var_bn): this batch's (running stats updated) in training, the running ones in eval."""
-        if self.training:
-            mean_bn, var_bn = mean_bn_fn()
-            self._update_running_stats(mean_bn, var_bn)
-            return mean_bn, var_bn
-        return self.running_mean, self.running_var
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         # convert_published_sn(..., momentum=m) records the converted momentum in the state dict metadata.
         if "sn_momentum" in local_metadata:
@@ -317,115 +406,35 @@ class SwitchNorm2d(_SwitchNormBase):
         terms = ("IN", "LN", "BN") if using_bn else ("IN", "LN")
         super().__init__(num_features, terms, eps, momentum, using_moving_average, last_gamma)
 
-    def _batch_stats(self, mean_in, var_in):
-        """Per-channel BN statistics (1, C) of this batch from the (N, C) IN statistics."""
-        mean_bn = mean_in.mean(0, keepdim=True)
-        var_bn = var_in.mean(0, keepdim=True) + (mean_in - mean_bn).square().mean(0, keepdim=True)
-        return mean_bn, var_bn
-
-    def _scale_shift(self, mean_in, var_biased, weight, bias, mean_weight, var_weight, *, spatial,
-                     bn_graph=False):
-        """Per-(n, c) scale ``a`` and shift ``b`` of the output ``x * a + b`` (tiny (N, C) tensors).
-
-        Built from the (N, C) per-instance mean and biased variance; differentiable with autograd (the
-        traceable path), while the fused path runs it without a graph and calls ``_scale_shift_backward``
-        with the returned intermediates. ``bn_graph``: record autograd for a synchronised BN term (its
-        cross-process all-reduce has its own backward); a local one has a written-out backward.
-        """
-        factor = spatial / (spatial - 1) if spatial > 1 else 0.0  # unbiased IN variance; 0 when L = 1
-        var_in = var_biased * factor
-        mean_ln = mean_in.mean(1, keepdim=True)
-        # var_ln = mean_C(var_in + mean_in^2) - mean_ln^2, written without cancellation.
-        var_ln = var_in.mean(1, keepdim=True) + (mean_in - mean_ln).square().mean(1, keepdim=True)
-        means, variances, bn_leaves = [mean_in, mean_ln], [var_in, var_ln], None
-        if self.using_bn:
-            if not self.training:
-                # copies: the running buffers may change before this graph's backward
-                mean_bn = self.running_mean.to(mean_in.dtype, copy=True).view(1, -1)
-                var_bn = self.running_var.to(mean_in.dtype, copy=True).view(1, -1)
-            elif bn_graph and not self._batch_stats_are_local():
-                with torch.enable_grad():
-                    bn_leaves = (mean_in.detach().requires_grad_(), var_in.detach().requires_grad_())
-                    mean_bn, var_bn = self._batch_stats(*bn_leaves)
-                bn_leaves += (mean_bn, var_bn)
-                mean_bn, var_bn = mean_bn.detach(), var_bn.detach()
-            else:
-                mean_bn, var_bn = self._batch_stats(mean_in, var_in)
-            if self.training:
-                self._update_running_stats(mean_bn, var_bn)
-            means.append(mean_bn)
-            variances.append(var_bn)
-        mean_w, var_w = mean_weight.softmax(0), var_weight.softmax(0)
-        mean, var = _mix(mean_w, means), _mix(var_w, variances)
-        rstd = torch.rsqrt(var + self.eps)
-        scale = weight * rstd
-        shift = torch.addcmul(bias, mean, scale, value=-1)
-        local_bn = self.using_bn and self.training and bn_leaves is None
-        return scale, shift, ((*means, *variances, mean_w, var_w, mean, rstd), (factor, local_bn, bn_leaves))
-
-    def _batch_stats_are_local(self) -> bool:
-        """True when ``_batch_stats`` reads this process's batch only (its backward is then written out)."""
-        return True
-
-    @staticmethod
-    def _scale_shift_backward(grad_scale, grad_shift, scale, tensors, info):
-        """Gradients of ``_scale_shift``: (mean_in, var_biased, weight, bias, mean_weight, var_weight)."""
-        terms = (len(tensors) - 4) // 2
-        means, variances = tensors[:terms], tensors[terms : 2 * terms]
-        mean_w, var_w, mean, rstd = tensors[2 * terms :]
-        factor, local_bn, bn_leaves = info
-        c = grad_scale.shape[1]
-        g_mean = grad_shift * scale
-        g_mean.neg_()
-        g_scale = torch.addcmul(grad_scale, grad_shift, mean, value=-1)
-        d_weight = (g_scale * rstd).sum(0)
-        d_bias = grad_shift.sum(0)
-        g_var = g_scale * scale
-        g_var.mul_(rstd).mul_(rstd).mul_(-0.5)  # d rstd / d var = -rstd^3 / 2
-        # each mixture term's gradient, reduced to that term's shape: (N, C), (N, 1) LN, (1, C) BN
-        g_means = [g_mean, g_mean.sum(1, keepdim=True), g_mean.sum(0, keepdim=True)][: len(means)]
-        g_vars = [g_var, g_var.sum(1, keepdim=True), g_var.sum(0, keepdim=True)][: len(variances)]
-        d_mean_weight = _softmax_backward(mean_w, _dots(g_means, means))
-        d_var_weight = _softmax_backward(var_w, _dots(g_vars, variances))
-        # IN term, then LN: mean_ln = mean_C(mean_in), var_ln = mean_C(var_in + (mean_in - mean_ln)^2)
-        d_var_ln = g_vars[1] * var_w[1]
-        d_mean_in = torch.addcmul(g_means[1] * (mean_w[1] / c), g_mean, mean_w[0])
-        d_mean_in.addcmul_(means[0] - means[1], d_var_ln, value=2.0 / c)
-        d_var_in = torch.addcmul(d_var_ln / c, g_var, var_w[0])
-        if local_bn:  # this batch's BN term: mean_N(mean_in), mean_N(var_in + (mean_in - mean_bn)^2)
-            n = grad_scale.shape[0]
-            d_var_bn = g_vars[2] * var_w[2]
-            d_mean_in.addcmul_(g_means[2], mean_w[2], value=1.0 / n)
-            d_mean_in.addcmul_(means[0] - means[2], d_var_bn, value=2.0 / n)
-            d_var_in.add_(d_var_bn, alpha=1.0 / n)
-        elif bn_leaves is not None:  # BN term synchronised across processes: autograd through _batch_stats
-            leaves, outputs = bn_leaves[:2], bn_leaves[2:]
-            d_mean_bn, d_var_bn = torch.autograd.grad(
-                outputs, leaves, (g_means[2] * mean_w[2], g_vars[2] * var_w[2]), retain_graph=True
-            )
-            d_mean_in.add_(d_mean_bn)
-            d_var_in.add_(d_var_bn)
-        return d_mean_in, d_var_in.mul_(factor), d_weight, d_bias, d_mean_weight, d_var_weight
+    def _options(self) -> _SNOptions:
+        return _SNOptions(self.eps, self.using_bn, self.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = (self.weight, self.bias, self.mean_weight, self.var_weight)
-        if torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return _quiet_when_jit_tracing(self._forward_traceable, x, params)
-        if x.dim() != 4 or x.shape[1] != self.num_features:
+        opts = self._options()
+        running = (self.running_mean, self.running_var) if self.using_bn else (None, None)
+        tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if not tracing and (x.dim() != 4 or x.shape[1] != self.num_features):
             raise ValueError(
                 f"{type(self).__name__}: expected input (N, {self.num_features}, H, W), got {tuple(x.shape)}"
             )
-        return _SwitchNorm2dFunction.apply(x, self, *params)
+        if tracing:
+            y, bn = _quiet_when_jit_tracing(self._forward_traceable, x, params, running, opts)
+        else:
+            y, *bn = _SwitchNorm2dFunction.apply(x, opts, *running, *params)
+        if self.training and self.using_bn:
+            self._update_running_stats(*bn)
+        return y
 
-    def _forward_traceable(self, x, params):
+    def _forward_traceable(self, x, params, running, opts):
         """The same function in plain autograd ops, for tracing (ONNX/TorchScript export, torch.compile)."""
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(_compute_dtype(x.dtype))
             var, mean = torch.var_mean(xc, dim=(2, 3), correction=0)
             params = [p.to(xc.dtype) for p in params]
-            a, b, _ = self._scale_shift(mean, var, *params, spatial=int(x.shape[2] * x.shape[3]))
+            a, b, bn, _ = _scale_shift(mean, var, params, running, opts, spatial=int(x.shape[2] * x.shape[3]))
             y = xc * a[..., None, None] + b[..., None, None]
-        return y.to(x.dtype)
+        return y.to(x.dtype), bn
 
 
 class SyncSwitchNorm2d(SwitchNorm2d):
@@ -441,20 +450,9 @@ class SyncSwitchNorm2d(SwitchNorm2d):
         super().__init__(num_features, eps, momentum, using_bn, using_moving_average, last_gamma)
         self.process_group = process_group
 
-    def _batch_stats_are_local(self) -> bool:
-        if not (dist.is_available() and dist.is_initialized()):
-            return True
-        return dist.get_world_size(self.process_group) == 1
-
-    def _batch_stats(self, mean_in, var_in):
-        if self._batch_stats_are_local():
-            return super()._batch_stats(mean_in, var_in)
-        world = dist.get_world_size(self.process_group)
-        mean_local, var_local = super()._batch_stats(mean_in, var_in)
-        packed = torch.cat([mean_local, var_local + mean_local.square()])  # (2, C): mean, E[var + mu^2]
-        packed = _AllReduceSum.apply(packed, self.process_group) / world
-        mean_bn = packed[:1]
-        return mean_bn, packed[1:] - mean_bn.square()
+    def _options(self) -> _SNOptions:
+        synced = dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
+        return super()._options()._replace(synced=synced, process_group=self.process_group)
 
 
 class SwitchNorm1d(_SwitchNormBase):
@@ -472,23 +470,28 @@ class SwitchNorm1d(_SwitchNormBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_tracing() and (x.dim() != 2 or x.shape[1] != self.num_features):
             raise ValueError(f"SwitchNorm1d: expected input (N, {self.num_features}), got {tuple(x.shape)}")
-        return _quiet_when_jit_tracing(self._forward, x)
+        y, bn = _quiet_when_jit_tracing(self._forward, x)
+        if self.training and self.using_bn:
+            self._update_running_stats(*bn)
+        return y
 
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor):
+        """(y, bn): the output and the BN term (mean_bn, var_bn) it used (None without a BN term)."""
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(_compute_dtype(x.dtype))
-            means, variances = [xc.mean(1, keepdim=True)], [_unbiased_var(xc, 1)]
+            means, variances, bn = [xc.mean(1, keepdim=True)], [_unbiased_var(xc, 1)], None
             if self.using_bn:
-                mean_bn, var_bn = self._bn_term(lambda: (xc.mean(0, keepdim=True), _unbiased_var(xc, 0)))
-                means.append(mean_bn.to(xc.dtype))
-                variances.append(var_bn.to(xc.dtype))
+                batch_stats = lambda: (xc.mean(0, keepdim=True), _unbiased_var(xc, 0))
+                bn = _bn_term(batch_stats, (self.running_mean, self.running_var), self.training, xc.dtype)
+                means.append(bn[0])
+                variances.append(bn[1])
             mean_w = self.mean_weight.to(xc.dtype).softmax(0)
             var_w = self.var_weight.to(xc.dtype).softmax(0)
             mean = sum(mean_w[k] * t for k, t in enumerate(means))
             var = sum(var_w[k] * t for k, t in enumerate(variances))
             scale = self.weight.to(xc.dtype) * torch.rsqrt(var + self.eps)
             y = (xc - mean) * scale + self.bias.to(xc.dtype)
-        return y.to(x.dtype)
+        return y.to(x.dtype), bn
 
 
 def _sn_layers(model: nn.Module):

@@ -441,6 +441,39 @@ def test_convert_published_sn_errors():
         convert_published_sn(published_state_dict(), momentum=1.0)
 
 
+def test_sn_leaves_the_process_thread_count_alone(monkeypatch):
+    """A layer never changes process-wide settings: forward and backward never set torch's thread count
+    (they used to drop it to 1 around the (N, C) statistics)."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    for layer in (SwitchNorm2d(3), SwitchNorm2d(3).eval()):
+        layer(x).sum().backward()
+    assert calls == []
+
+
+def test_sn2d_function_has_no_side_effects_the_layer_updates_running_stats():
+    """The autograd function gets tensors and frozen options, returns the BN term it used and changes
+    nothing; SwitchNorm2d.forward folds that term into the running statistics."""
+    from backbones.switchnorm import _SNOptions, _SwitchNorm2dFunction
+
+    layer = randomise(SwitchNorm2d(3, momentum=0.25))
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1
+    params = (layer.weight, layer.bias, layer.mean_weight, layer.var_weight)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    y, mean_bn, var_bn = _SwitchNorm2dFunction.apply(
+        x.float(), _SNOptions(layer.eps, True, True), layer.running_mean, layer.running_var, *params
+    )
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+    _, batch = ref_sn2d(x, *(p.detach().double() for p in params))
+    torch.testing.assert_close(mean_bn.double().view(-1), batch[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(var_bn.double().view(-1), batch[1], rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer(x.float()), y)
+    torch.testing.assert_close(layer.running_mean, before["running_mean"].lerp(mean_bn.view(-1), 0.25))
+    assert int(layer.num_batches_tracked) == 1
+
+
 def test_bench_norm_quick_runs():
     out = subprocess.run(
         [
