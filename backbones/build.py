@@ -37,13 +37,14 @@ def build_backbone(
     input_size: int = 112,
     width: int = 64,
     dropout: float = 0.0,
+    zero_init_residual: bool = False,
     **norm_kwargs,
 ) -> nn.Module:
     """Build backbone ``name`` mapping (N, 3, input_size, input_size) to (N, embedding_size).
 
     Every 2-D norm is ``make_norm(norm, num_features, **norm_kwargs)``; the embedding head keeps a
-    BatchNorm1d with its scale fixed at 1.  ``last_gamma=True`` is not passed to the norms: it makes
-    the model zero-initialise the scale of each residual block's last norm (any norm with a weight).
+    BatchNorm1d with its scale fixed at 1.  ``zero_init_residual=True`` zero-initialises the scale of
+    each residual block's last norm (any norm with a weight), as torchvision's option of that name.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
@@ -52,7 +53,9 @@ def build_backbone(
             raise ValueError(f"{key} must be a positive integer, got {value!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-    last_gamma = bool(norm_kwargs.pop("last_gamma", False))
+    if "last_gamma" in norm_kwargs:  # SwitchNorm2d's own argument: would zero the scale of *every* norm
+        raise ValueError("last_gamma is SwitchNorm2d's argument (scale starts at 0), not a backbone option: "
+                         "use zero_init_residual=True to zero-initialise each residual block's last norm")
     builder, layers = _REGISTRY[name]
     return builder(
         layers,
@@ -61,5 +64,5 @@ def build_backbone(
         input_size=input_size,
         width=width,
         dropout=dropout,
-        last_gamma=last_gamma,
+        zero_init_residual=bool(zero_init_residual),
     )

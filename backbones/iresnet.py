@@ -28,7 +28,7 @@ def embedding_head_norm(embedding_size: int) -> nn.BatchNorm1d:
 
 
 def zero_init_last_norms(model: nn.Module) -> None:
-    """Set the scale of each residual block's last norm to 0 (``last_gamma``), where the norm has one."""
+    """Set the scale of each residual block's last norm to 0 (``zero_init_residual``), where it has one."""
     for module in model.modules():
         last = getattr(module, "last_norm", None)
         if isinstance(last, nn.Module) and getattr(last, "weight", None) is not None:
@@ -82,7 +82,8 @@ class IResNet(nn.Module):
         input_size: S, a multiple of 16 (fixes the flattened size before ``fc``).
         width: channels of the first stage; stages have ``width * (1, 2, 4, 8)``.
         dropout: dropout probability before ``fc``.
-        last_gamma: zero-initialise the scale of each block's last norm.
+        zero_init_residual: zero-initialise the scale of each block's last norm (as torchvision), so
+            each residual branch starts as the identity.
     """
 
     def __init__(
@@ -93,7 +94,7 @@ class IResNet(nn.Module):
         input_size: int = 112,
         width: int = 64,
         dropout: float = 0.0,
-        last_gamma: bool = False,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         if len(layers) != 4:
@@ -113,7 +114,7 @@ class IResNet(nn.Module):
         self.fc = nn.Linear(width * 8 * (input_size // 16) ** 2, embedding_size)
         self.features = embedding_head_norm(embedding_size)
         init_convs(self)
-        if last_gamma:
+        if zero_init_residual:
             zero_init_last_norms(self)
 
     def _make_layer(self, planes: int, blocks: int, norm_layer: NormLayer) -> nn.Sequential:

@@ -10,11 +10,11 @@ _SN_OPTIONS = ("eps", "momentum", "using_bn", "using_moving_average", "last_gamm
 _OPTIONS = {
     "sn": _SN_OPTIONS,
     "syncsn": _SN_OPTIONS + ("process_group",),
-    "bn": ("eps", "momentum", "last_gamma"),
-    "syncbn": ("eps", "momentum", "last_gamma", "process_group"),
-    "gn": ("eps", "groups", "last_gamma"),
-    "in": ("eps", "last_gamma"),
-    "ln": ("eps", "last_gamma"),
+    "bn": ("eps", "momentum"),
+    "syncbn": ("eps", "momentum", "process_group"),
+    "gn": ("eps", "groups"),
+    "in": ("eps",),
+    "ln": ("eps",),
 }
 
 
@@ -31,7 +31,6 @@ def make_norm(name: str, num_features: int, **kwargs) -> nn.Module:
     ``bn``/``syncbn``: ``eps``, ``momentum`` (PyTorch convention) (+ ``process_group``);
     ``gn``: ``eps``, ``groups`` (default: largest divisor of C that is <= 32, must divide C);
     ``in`` (``InstanceNorm2d(affine=True)``) and ``ln`` (``GroupNorm(1, C)``: LayerNorm over C,H,W): ``eps``.
-    Every norm accepts ``last_gamma=True``: its scale starts at 0 (zero-init of a residual branch).
     """
     if name not in _OPTIONS:
         raise ValueError(f"unknown norm {name!r}; valid names: {', '.join(NORMS)}")
@@ -49,21 +48,16 @@ def make_norm(name: str, num_features: int, **kwargs) -> nn.Module:
         return SwitchNorm2d(num_features, **kwargs)
     if name == "syncsn":
         return SyncSwitchNorm2d(num_features, **kwargs)
-    last_gamma = kwargs.pop("last_gamma", False)
     if name == "bn":
-        layer = nn.BatchNorm2d(num_features, **kwargs)
-    elif name == "syncbn":
-        layer = nn.SyncBatchNorm(num_features, **kwargs)
-    elif name == "gn":
+        return nn.BatchNorm2d(num_features, **kwargs)
+    if name == "syncbn":
+        return nn.SyncBatchNorm(num_features, **kwargs)
+    if name == "gn":
         groups = kwargs.pop("groups", None)
         groups = default_groups(num_features) if groups is None else groups
         if not isinstance(groups, int) or groups <= 0 or num_features % groups:
             raise ValueError(f"norm 'gn': groups={groups!r} must be a positive divisor of C={num_features}")
-        layer = nn.GroupNorm(groups, num_features, **kwargs)
-    elif name == "in":
-        layer = nn.InstanceNorm2d(num_features, affine=True, **kwargs)
-    else:  # "ln"
-        layer = nn.GroupNorm(1, num_features, **kwargs)
-    if last_gamma:
-        nn.init.zeros_(layer.weight)
-    return layer
+        return nn.GroupNorm(groups, num_features, **kwargs)
+    if name == "in":
+        return nn.InstanceNorm2d(num_features, affine=True, **kwargs)
+    return nn.GroupNorm(1, num_features, **kwargs)  # "ln": LayerNorm over C, H, W

@@ -155,7 +155,7 @@ class ResNet(nn.Module):
         layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for depth 50.
         block: one of BasicBlock, Bottleneck (v1) or PreActBasicBlock, PreActBottleneck (v2).
         norm_layer: factory ``norm_layer(num_features) -> nn.Module`` used for every 2-D norm.
-        embedding_size, width, dropout, last_gamma: as :class:`backbones.iresnet.IResNet`.
+        embedding_size, width, dropout, zero_init_residual: as :class:`backbones.iresnet.IResNet`.
         input_size: accepted for a uniform builder signature; global average pooling makes the head
             independent of it (the stride-32 network leaves a 1x1 map at 32x32 input).
     """
@@ -169,7 +169,7 @@ class ResNet(nn.Module):
         input_size: int = 224,
         width: int = 64,
         dropout: float = 0.0,
-        last_gamma: bool = False,
+        zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         if len(layers) != 4:
@@ -191,7 +191,7 @@ class ResNet(nn.Module):
         self.fc = nn.Linear(self.inplanes, embedding_size)
         self.features = embedding_head_norm(embedding_size)
         init_convs(self)
-        if last_gamma:
+        if zero_init_residual:
             zero_init_last_norms(self)
 
     def _make_layer(

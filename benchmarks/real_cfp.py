@@ -117,11 +117,12 @@ def seconds_per_step(config: dict) -> float:
     import torch
 
     from backbones import build_backbone
+    from facerec.model_io import model_kwargs
     from facerec.optim import build_optimizer, param_groups
     from losses import build_head
 
     m = config["model"]
-    backbone = build_backbone(**{k: v for k, v in m.items() if k != "norm_kwargs"}, **m["norm_kwargs"])
+    backbone = build_backbone(**model_kwargs(config))
     head = build_head(config["head"], embedding_size=m["embedding_size"], num_classes=500)
     optimizer = build_optimizer(param_groups(backbone, head, config["optim"]), config["optim"])
     images = torch.randn(config["train"]["batch_size"], 3, m["input_size"], m["input_size"])

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from .workers import WORKER_START
+from .workers import worker_context
 
 
 def seed_worker(worker_id):
@@ -50,6 +50,6 @@ def build_loader(dataset, batch_size, num_workers=2, shuffle=True, drop_last=Tru
         prefetch_factor=4 if workers else None,
         persistent_workers=workers,
         worker_init_fn=seed_worker if workers else None,
-        multiprocessing_context=WORKER_START if workers else None,
+        multiprocessing_context=worker_context() if workers else None,
         generator=generator,
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,19 +72,22 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def map_ordered(func: Callable, items: Sequence, workers: int | None = None, desc: str = "") -> Iterable:
+def map_ordered(func: Callable, items: Sequence, workers: int | None = None, desc: str = "",
+                unit: str = "img", progress: bool = True) -> Iterable:
     """``map(func, items)`` in order over ``workers`` processes (``<= 1``: in-process), with a progress bar.
 
-    ``func`` must be a module-level function (it is pickled to the workers, see ``data.workers``).
+    ``func`` must be a module-level function (it is pickled to the workers, see ``data.workers``). A worker
+    that dies raises ``BrokenProcessPool`` here instead of leaving the map waiting.
     """
     workers = default_workers() if workers is None else workers
-    bar = dict(total=len(items), desc=desc, unit="img", dynamic_ncols=True, mininterval=1.0)
+    bar = dict(total=len(items), desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
+               disable=not progress)
     if workers <= 1 or len(items) < 2:
         yield from tqdm(map(func, items), **bar)
         return
     chunksize = max(1, min(64, len(items) // (workers * 8)))
-    with worker_context().Pool(workers) as pool:
-        yield from tqdm(pool.imap(func, items, chunksize=chunksize), **bar)
+    with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:
+        yield from tqdm(pool.map(func, items, chunksize=chunksize), **bar)
 
 
 def refuse_overwrite(paths: Iterable[Path], force: bool) -> None:

@@ -14,19 +14,16 @@ import json
 import math
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from .bins import write_bin
 from .errors import DataError
 from .images import encode_image
-from .pack import write_identity_records
-from .workers import worker_context
+from .pack import map_ordered, write_identity_records
 
 SUPERSAMPLE = 2  # faces are drawn at this multiple of the output size, then shrunk (anti-aliasing)
 MANIFEST = "synth.json"
@@ -283,7 +280,7 @@ def render_face(t: FaceTraits, rng: np.random.Generator, size: int) -> np.ndarra
     ear_y = 0.5 * (t.eye_y + t.eye_y + t.nose_len)
     for side in (-1, 1):
         vis = 1 - 0.8 * max(0.0, side * math.sin(yaw))
-        ex = side * (t.width * squeeze + 0.15 * nose_shift * side * 0) + 0.15 * nose_shift
+        ex = side * t.width * squeeze + 0.15 * nose_shift
         c = (np.array([ex, ear_y]) @ rz.T) * scale + centre
         cv2.ellipse(
             img,
@@ -480,14 +477,6 @@ def _render_task(task):
     return render_identity(*task)
 
 
-def _map(tasks, workers: int):
-    if workers <= 1:
-        yield from map(_render_task, tasks)
-        return
-    with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:
-        yield from pool.map(_render_task, tasks, chunksize=4)
-
-
 OUTPUT_FILES = ("train.rec", "train.idx", "property", "synth.bin", MANIFEST)
 
 
@@ -587,19 +576,17 @@ def generate_synthetic(
         tasks = [
             (seed, i, images_per_identity, size, (lo, hi)) for i in range(identities + verify_identities)
         ]
-        bar = tqdm(total=len(tasks), desc="synth identities", unit="id", disable=not progress)
+        rendered = map_ordered(_render_task, tasks, workers, "synth identities", "id", progress)
         pool_images: dict[int, list[bytes]] = {}
 
         def training_images():  # keeps the held-out identities' images for the .bin
-            for ident, images in enumerate(_map(tasks, workers)):
-                bar.update(1)
+            for ident, images in enumerate(rendered):
                 if ident < identities:
                     yield from ((ident, jpeg) for jpeg in images)
                 else:
                     pool_images[ident] = images
 
         write_identity_records(tmp / "train.rec", tmp / "train.idx", training_images(), identities)
-        bar.close()
         (tmp / "property").write_text(f"{identities},{size},{size}\n")
         bins = [img for a, i, b, j, _ in pairs for img in (pool_images[a][i], pool_images[b][j])]
         write_bin(tmp / "synth.bin", bins, [same for *_, same in pairs])

@@ -18,8 +18,9 @@ COMMANDS = {
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    """The ``run.py`` parser; ``only`` names the one command to wire (its module alone is imported)."""
-    parser = argparse.ArgumentParser(prog="run.py", description="Face recognition training and evaluation.")
+    """The ``run.py`` (``facerec``) parser; ``only`` names the one command to wire (only its module is
+    imported)."""
+    parser = argparse.ArgumentParser(description="Face recognition training and evaluation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, module_name in COMMANDS.items():

@@ -69,6 +69,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "input_size": Opt(112, "int"),
         "width": Opt(64, "int"),
         "dropout": Opt(0.0, "float"),
+        "zero_init_residual": Opt(False, "bool"),  # scale of each residual block's last norm starts at 0
         "norm_kwargs": Opt({}, "dict"),  # passed to every 2-D norm, e.g. {using_bn: false}
     },
     "head": {
@@ -254,6 +255,9 @@ def _yaml11_float(value: Any) -> Any:
 
 
 def _check_consistency(config: dict) -> None:
+    if "last_gamma" in config["model"]["norm_kwargs"]:
+        raise ConfigError("model.norm_kwargs.last_gamma is no longer a model option (it zero-initialised "
+                          "each residual block's last norm): write model.zero_init_residual: true instead")
     if config["model"]["input_size"] % 16:
         raise ConfigError(f"model.input_size must be a multiple of 16, got {config['model']['input_size']}")
     if not 0.0 < config["head"]["sample_rate"] <= 1.0:
@@ -264,6 +268,22 @@ def _check_consistency(config: dict) -> None:
         raise ConfigError(f"optim.lr must be positive, got {config['optim']['lr']}")
     if config["train"]["max_steps"] is not None and config["train"]["max_steps"] < 0:
         raise ConfigError(f"train.max_steps must be >= 0 or null, got {config['train']['max_steps']}")
+
+
+def upgrade_model_section(model: dict) -> dict:
+    """A checkpoint's ``model`` section in today's keys (checkpoints keep the config they were saved with).
+
+    Before ``zero_init_residual`` existed, ``norm_kwargs.last_gamma: true`` meant it; it is mapped over.
+    Keys added since take their defaults, so an old checkpoint compares equal to today's same model.
+    """
+    model = copy.deepcopy(dict(model))
+    norm_kwargs = dict(model.get("norm_kwargs") or {})
+    if "last_gamma" in norm_kwargs:
+        model.setdefault("zero_init_residual", bool(norm_kwargs.pop("last_gamma")))
+    model["norm_kwargs"] = norm_kwargs
+    for key, opt in SCHEMA["model"].items():
+        model.setdefault(key, copy.deepcopy(opt.default))
+    return model
 
 
 def _load_file(path: Path, seen: tuple[Path, ...]) -> dict:

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from backbones import build_backbone
+from facerec.config import upgrade_model_section
 
 SHOWN_KEYS = 8  # how many differing keys an error message lists per kind
 
@@ -32,9 +33,10 @@ def find_checkpoint(path) -> Path:
 
 
 def model_kwargs(config: dict) -> dict:
-    """``build_backbone`` keyword arguments from a checkpoint config's ``model`` section."""
-    model = dict(config["model"])
-    return {**{k: v for k, v in model.items() if k != "norm_kwargs"}, **(model.get("norm_kwargs") or {})}
+    """``build_backbone`` keyword arguments from a config's ``model`` section (a checkpoint's included:
+    older keys are mapped by ``upgrade_model_section``)."""
+    model = upgrade_model_section(config["model"])
+    return {**{k: v for k, v in model.items() if k != "norm_kwargs"}, **model["norm_kwargs"]}
 
 
 def _state_differences(expected: dict, found: dict) -> list[str]:

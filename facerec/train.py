@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
 from facerec import checkpoint as ckpt
-from facerec.config import save_config
+from facerec.config import save_config, upgrade_model_section
 from facerec.distributed import (
     DistInfo,
     all_gather_objects,
@@ -43,7 +43,7 @@ from facerec.distributed import (
     sync_batchnorm1d,
 )
 from facerec.metrics_log import MetricsLog
-from facerec.model_io import load_backbone_state
+from facerec.model_io import load_backbone_state, model_kwargs
 from facerec.optim import build_optimizer, build_schedule, param_groups
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -163,8 +163,7 @@ class Trainer:
         verify = config["data"]["verify"] if info.is_main else []
         self.verify_sets = {Path(p).stem: load_bin(p) for p in verify}
 
-        model_kwargs = {k: v for k, v in mcfg.items() if k != "norm_kwargs"}
-        self.backbone = build_backbone(**model_kwargs, **mcfg["norm_kwargs"])
+        self.backbone = build_backbone(**model_kwargs(config))
         if tcfg["init_backbone"]:
             load_backbone_state(self.backbone, ckpt.backbone_state(tcfg["init_backbone"]),
                                 f"train.init_backbone {tcfg['init_backbone']}")
@@ -225,7 +224,8 @@ class Trainer:
         missing = [k for k in ckpt.REQUIRED if k not in state]
         if missing:
             raise ValueError(f"{path}: not a training checkpoint (missing {', '.join(missing)})")
-        if state["config"].get("model") != self.config["model"]:
+        saved_model = state["config"].get("model")
+        if not isinstance(saved_model, dict) or upgrade_model_section(saved_model) != self.config["model"]:
             raise ValueError(f"{path}: checkpoint model {state['config'].get('model')} differs from "
                              f"{self.config['model']}; use train.init_backbone to start from its weights")
         self.backbone.load_state_dict(state["backbone"])

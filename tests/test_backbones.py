@@ -83,8 +83,8 @@ def test_preresnet_is_preactivation():
 
 @pytest.mark.parametrize("norm", ["sn", "bn", "gn", "in", "ln"])
 @pytest.mark.parametrize("name", ["iresnet18", "resnet50", "preresnet18"])
-def test_last_gamma_zeroes_only_the_last_norm_of_each_block(name, norm):
-    model = build_backbone(name, norm=norm, last_gamma=True, **TINY)
+def test_zero_init_residual_zeroes_only_the_last_norm_of_each_block(name, norm):
+    model = build_backbone(name, norm=norm, zero_init_residual=True, **TINY)
     blocks = [m for m in model.modules() if hasattr(m, "last_norm")]
     assert blocks
     for block in blocks:
@@ -97,13 +97,19 @@ def test_last_gamma_zeroes_only_the_last_norm_of_each_block(name, norm):
     assert all(torch.all(b.last_norm.weight == 1) for b in default.modules() if hasattr(b, "last_norm"))
 
 
-def test_last_gamma_blocks_start_as_identity():
+def test_zero_init_residual_blocks_start_as_identity():
     torch.manual_seed(0)
-    model = build_backbone("resnet18", norm="bn", last_gamma=True, **TINY).eval()
+    model = build_backbone("resnet18", norm="bn", zero_init_residual=True, **TINY).eval()
     block = model.layer1[0]  # no shortcut projection: output = relu(input) at init
     x = torch.randn(2, 8, 8, 8).relu()
     with torch.no_grad():
         assert torch.equal(block(x), x)
+
+
+def test_last_gamma_is_not_a_backbone_option():
+    """last_gamma is SwitchNorm2d's argument; passed to every norm of a backbone it would zero them all."""
+    with pytest.raises(ValueError, match="use zero_init_residual=True"):
+        build_backbone("iresnet18", norm="sn", last_gamma=True, **TINY)
 
 
 @pytest.mark.parametrize("name", ["iresnet18", "resnet18"])

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from facerec import cli
-from facerec.config import SCHEMA, ConfigError, defaults, load_config, save_config
+from facerec.config import SCHEMA, ConfigError, defaults, load_config, save_config, upgrade_model_section
+from facerec.model_io import model_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
@@ -122,3 +123,18 @@ def test_full_scale_configs_have_the_published_recipe():
     assert pfc["model"]["name"] == "iresnet100"
     one = load_config(ROOT / "configs" / "ms1mv3_r50_sn_arcface_1img.yaml")
     assert one["model"]["norm_kwargs"] == {"using_bn": False} and one["train"]["batch_size"] == 1
+
+
+def test_old_last_gamma_key_is_refused_in_configs_and_mapped_in_checkpoints():
+    """``last_gamma`` meant three things; backbones now take ``zero_init_residual``. A config that still
+    writes ``model.norm_kwargs.last_gamma`` gets a clear error; a checkpoint saved with it (its config
+    cannot be edited) is mapped, so it loads and resumes as the same model."""
+    with pytest.raises(ConfigError, match="model.norm_kwargs.last_gamma .* model.zero_init_residual: true"):
+        load_config(None, ["model.norm_kwargs.last_gamma=true"])
+    config = load_config(None, ["model.zero_init_residual=true", "model.name=iresnet18"])
+    old = {k: v for k, v in config["model"].items() if k != "zero_init_residual"}
+    old["norm_kwargs"] = {"last_gamma": True}
+    assert upgrade_model_section(old) == config["model"]
+    assert model_kwargs({"model": old})["zero_init_residual"] is True
+    older = {k: v for k, v in config["model"].items() if k != "zero_init_residual"}  # before the key
+    assert upgrade_model_section(older) == load_config(None, ["model.name=iresnet18"])["model"]

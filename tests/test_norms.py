@@ -60,9 +60,11 @@ def test_options_forwarded():
     bn = make_norm("bn", 8, momentum=0.01, eps=1e-3)
     assert bn.momentum == 0.01 and bn.eps == 1e-3
     assert make_norm("gn", 8, eps=1e-3).eps == 1e-3
-    for name in NORMS:
-        layer = make_norm(name, 8, last_gamma=True)
-        assert torch.equal(layer.weight, torch.zeros(8)), name
+    for name in ("sn", "syncsn"):  # the published SN argument: this layer's scale starts at 0
+        assert torch.equal(make_norm(name, 8, last_gamma=True).weight, torch.zeros(8)), name
+    for name in ("bn", "syncbn", "gn", "in", "ln"):  # zero-init of residual blocks is the backbone's job
+        with pytest.raises(ValueError, match="last_gamma: Switchable Normalization options only"):
+            make_norm(name, 8, last_gamma=True)
 
 
 def test_unknown_name():

@@ -52,3 +52,24 @@ def test_run_py_help_runs():
     result = subprocess.run([sys.executable, "run.py", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "train" in result.stdout and "verify" in result.stdout
+
+
+def test_packaging_lists_every_package_and_the_console_script():
+    """``pip install .`` ships the five packages (and their subpackages) and a ``facerec`` command that
+    is ``python run.py``; the dependencies are requirements.txt's."""
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["build-system"]["build-backend"] == "setuptools.build_meta"
+    on_disk = sorted(
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for top in ("facerec", *LIBRARIES)
+        for init in (ROOT / top).rglob("__init__.py")
+    )
+    assert sorted(project["tool"]["setuptools"]["packages"]) == on_disk
+    assert {"facerec", *LIBRARIES} <= set(on_disk)
+    assert project["project"]["scripts"] == {"facerec": "facerec.cli:main"}
+    from facerec import cli
+
+    assert cli.main is __import__("run").main
+    assert project["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["requirements.txt"]}
+    assert "torch" in (ROOT / "requirements.txt").read_text()

@@ -125,3 +125,22 @@ def test_checkpoint_files_are_plain_data_and_rotate(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.pt: not a readable checkpoint"):
         ckpt.load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_checkpoint_saved_before_zero_init_residual_resumes_and_loads(config_path, tmp_path):
+    """A checkpoint whose config still says ``norm_kwargs.last_gamma: true`` (the old name of
+    ``zero_init_residual``) resumes with today's config of the same model and loads for export/verify."""
+    from facerec.model_io import load_model
+
+    run(config_path, f"train.output_dir={tmp_path}", "train.max_steps=3", "model.zero_init_residual=true")
+    path = tmp_path / "checkpoints" / "step_3.pt"
+    state = ckpt.load_checkpoint(path)
+    model = state["config"]["model"]
+    assert model.pop("zero_init_residual") is True
+    model["norm_kwargs"] = {"last_gamma": True}
+    ckpt.save_checkpoint(state, path)
+    summary, _ = run(config_path, f"train.output_dir={tmp_path}", "train.max_steps=4",
+                     "model.zero_init_residual=true")
+    assert summary["steps"] == 4
+    loaded, checkpoint = load_model(path)
+    assert torch.equal(loaded.state_dict()["fc.weight"], checkpoint["backbone"]["fc.weight"])
