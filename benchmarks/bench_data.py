@@ -6,7 +6,7 @@
 * images per second of a 2-worker build_loader
 
 Builds a pack of 112x112 JPEG records (insightface layout) in a temporary directory, or reads ``--rec``.
-Usage: python benchmarks/bench_data.py [--quick] [--rec DIR_OR_REC] [--records N]
+Usage: python -m benchmarks.bench_data [--quick] [--rec DIR_OR_REC] [--records N]
 """
 from __future__ import annotations
 
@@ -22,12 +22,10 @@ import cv2
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.datasets import FaceRecordDataset  # noqa: E402
-from data.loader import build_loader  # noqa: E402
-from data.recordio import MXIndexedRecordIO, MXRecordIO, pack, unpack  # noqa: E402
-from tests.mxnet_env import MXNetUnavailable, run_script  # noqa: E402
+from benchmarks.mxnet_env import MXNetUnavailable, run_script
+from data.datasets import FaceRecordDataset
+from data.loader import build_loader
+from data.recordio import MXIndexedRecordIO, MXRecordIO, pack, unpack
 
 MXNET_READ = r'''
 import json, sys, time
@@ -151,7 +149,8 @@ def bench_loader(dataset, batch_size, epochs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_data", description=__doc__.splitlines()[0])
     parser.add_argument("--rec", help="pack directory or .rec file to read (default: build one)")
     parser.add_argument("--records", type=int, help="records to build (default 5000, --quick 800)")
     parser.add_argument("--repeat", type=int, help="timing repeats, best kept (default 3, --quick 1)")

@@ -6,7 +6,7 @@ Prints, measured side by side in one run on the same images:
 * export: ``facerec.export.export_embeddings`` from a ``.bin`` file to ``.npz`` (adds reading and saving);
 * the pipeline/forward throughput ratio (target >= 0.9) and the time of ``evaluate`` on 6,000 pairs.
 
-    python benchmarks/bench_eval.py [--device cpu|cuda] [--quick] [--model iresnet18 --width 32 --size 112]
+    python -m benchmarks.bench_eval [--device cpu|cuda] [--quick] [--model iresnet18 --width 32 --size 112]
                                     [--images 256 --batch-size 64 --repeats 3 --threads N]
 """
 from __future__ import annotations
@@ -21,13 +21,11 @@ import cv2
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backbones import build_backbone  # noqa: E402
-from data import decode_image, encode_image, to_tensor, write_bin  # noqa: E402
-from eval.verification import evaluate  # noqa: E402
-from facerec.embedding import embed_images  # noqa: E402
-from facerec.export import export_embeddings  # noqa: E402
+from backbones import build_backbone
+from data import decode_image, encode_image, to_tensor, write_bin
+from eval.verification import evaluate
+from facerec.embedding import embed_images
+from facerec.export import export_embeddings
 
 
 def face_sized_jpegs(count: int, size: int, seed: int = 0) -> list[bytes]:
@@ -65,7 +63,8 @@ def timed(fn) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_eval", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny model and few images")
     parser.add_argument("--model", default="iresnet18")

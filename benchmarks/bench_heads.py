@@ -9,9 +9,9 @@ the extra memory at the peak of a step over what was resident before it (CUDA: a
 the process's peak RSS, reset before each step through /proc/self/clear_refs, with glibc told to mmap
 every block over 128 KiB so that freed tensors leave the RSS: it counts the step's transient buffers).
 
-    python benchmarks/bench_heads.py                 # 100,000 classes, 512-d, batch 128, CPU
-    python benchmarks/bench_heads.py --device cuda
-    python benchmarks/bench_heads.py --quick         # small smoke run
+    python -m benchmarks.bench_heads                 # 100,000 classes, 512-d, batch 128, CPU
+    python -m benchmarks.bench_heads --device cuda
+    python -m benchmarks.bench_heads --quick         # small smoke run
 """
 import argparse
 import contextlib
@@ -19,15 +19,12 @@ import ctypes
 import ctypes.util
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from losses import ArcFace, PartialFC  # noqa: E402
+from losses import ArcFace, PartialFC
 
 MIB = 2**20
 
@@ -81,7 +78,8 @@ def state_bytes(pfc: PartialFC, optimizer: torch.optim.Optimizer) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_heads", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--classes", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=512)

@@ -5,20 +5,18 @@ side by side), the ratios SN/BN (target <= 1.3) and naive/SN (target >= 4), and 
 saves for backward (saved_tensors_hooks, distinct storages; target SN/BN <= 1.5). On CUDA it also
 prints the peak allocated memory of one forward+backward above the inputs.
 
-    python benchmarks/bench_norm.py [--device cpu|cuda] [--quick] [--threads N] [--iters K]
+    python -m benchmarks.bench_norm [--device cpu|cuda] [--quick] [--threads N] [--iters K]
 """
 
 import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from backbones.switchnorm import SwitchNorm2d  # noqa: E402
+from backbones.switchnorm import SwitchNorm2d
 
 FULL_SHAPES = [(64, 64, 56, 56), (64, 128, 28, 28), (64, 256, 14, 14), (64, 512, 7, 7)]
 QUICK_SHAPES = [(8, 64, 28, 28), (8, 128, 14, 14), (8, 256, 7, 7)]
@@ -128,7 +126,8 @@ def bench_shape(shape, device, iters, warmup):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_norm", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="small shapes, few iterations (smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")

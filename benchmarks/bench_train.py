@@ -6,9 +6,9 @@ hits both alike) and medians are compared; target: SN/BN <= 1.15. Peak memory of
 its own subprocess (CPU: peak RSS growth over the process's state before building the model, via
 ``resource.getrusage``; CUDA: ``torch.cuda.max_memory_allocated``).
 
-    python benchmarks/bench_train.py                       # iresnet50, batch 16, 112x112, CPU
-    python benchmarks/bench_train.py --device cuda         # + images/s, bf16, channels-last, batch 128
-    python benchmarks/bench_train.py --quick               # smoke run (iresnet18, batch 4, 64x64)
+    python -m benchmarks.bench_train                       # iresnet50, batch 16, 112x112, CPU
+    python -m benchmarks.bench_train --device cuda         # + images/s, bf16, channels-last, batch 128
+    python -m benchmarks.bench_train --quick               # smoke run (iresnet18, batch 4, 64x64)
 """
 from __future__ import annotations
 
@@ -23,12 +23,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from backbones import build_backbone  # noqa: E402
-from facerec.config import load_config  # noqa: E402
-from facerec.optim import build_optimizer, param_groups  # noqa: E402
-from losses import build_head  # noqa: E402
+from backbones import build_backbone
+from facerec.config import load_config
+from facerec.optim import build_optimizer, param_groups
+from losses import build_head
 
 NUM_CLASSES = 1000
 
@@ -84,10 +82,12 @@ def timed_alternating(steps: dict, device: str, warmup: int, repeats: int) -> di
 
 def memory_of(norm: str, args, batch: int, precision: str, channels_last: bool) -> dict:
     """Peak memory of a few training steps with ``norm``, measured in a fresh subprocess."""
-    command = [sys.executable, __file__, "--measure-memory", norm, "--model", args.model, "--device",
-               args.device, "--input-size", str(args.input_size), "--batch", str(batch), "--precision",
-               precision, "--threads", str(args.threads)] + (["--channels-last"] if channels_last else [])
-    result = subprocess.run(command, capture_output=True, text=True, check=True)
+    command = [sys.executable, "-m", "benchmarks.bench_train", "--measure-memory", norm,
+               "--model", args.model, "--device", args.device, "--input-size", str(args.input_size),
+               "--batch", str(batch), "--precision", precision, "--threads", str(args.threads)]
+    command += ["--channels-last"] if channels_last else []
+    result = subprocess.run(command, capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])  # the repository root
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -149,7 +149,8 @@ def compare(args, batch: int, precision: str, channels_last: bool, label: str) -
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--model", default=None, help="backbone (default iresnet50; --quick: iresnet18)")

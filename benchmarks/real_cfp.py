@@ -6,8 +6,8 @@ training set; writes fold 10's FF and FP pairs as ``.bin`` files; trains ``confi
 ``run.py train`` for about ``--minutes``; and prints the verification accuracy on fold 10 (the standard
 protocol's 10-fold threshold selection inside that fold's 700 pairs, reordered into 10 balanced sub-folds).
 
-    python benchmarks/real_cfp.py --minutes 5
-    python benchmarks/real_cfp.py --prepare-only --cache datasets/cfp   # the data configs/cfp.yaml reads
+    python -m benchmarks.real_cfp --minutes 5
+    python -m benchmarks.real_cfp --prepare-only --cache datasets/cfp   # the data configs/cfp.yaml reads
 
 Prepared data is cached (``--cache``, default: a folder in the system temp dir); the photos themselves are
 only linked from there, never copied.
@@ -25,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from data import load_bin, pack_folder, similarity_transform, write_bin
+from data.align import ARCFACE_TEMPLATE
+from data.verification_sets import cfp_alignment_points, make_bin_cfp, read_cfp_protocol
 
-from data import load_bin, pack_folder, similarity_transform, write_bin  # noqa: E402
-from data.align import ARCFACE_TEMPLATE  # noqa: E402
-from data.verification_sets import cfp_alignment_points, make_bin_cfp, read_cfp_protocol  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_CFP = ROOT.parent / "shared" / "data" / "cfp"
 
@@ -138,7 +137,8 @@ def seconds_per_step(config: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.real_cfp", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cfp", type=Path, default=DEFAULT_CFP, help=f"CFP release (default {DEFAULT_CFP})")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "facerec_real_cfp")

@@ -113,9 +113,9 @@ def test_onnx_matches_pytorch(tmp_path, capsys, norm, trained):
 
 
 def test_bench_eval_quick_runs():
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_eval.py"
-    result = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_eval", "--quick", "--threads", "1"],
+                            capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert "throughput ratio pipeline / bare forward" in result.stdout
     assert "evaluate on 6000 pairs" in result.stdout

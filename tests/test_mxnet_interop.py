@@ -11,9 +11,9 @@ import cv2
 import numpy as np
 import pytest
 
+from benchmarks.mxnet_env import MXNetUnavailable, mxnet_python, run_script
 from data.datasets import FaceRecordDataset
 from data.recordio import MXIndexedRecordIO, MXRecordIO, pack, pack_img, unpack, unpack_img
-from tests.mxnet_env import MXNetUnavailable, mxnet_python, run_script
 
 MAGIC = struct.pack("<I", 0xCED7230A)
 

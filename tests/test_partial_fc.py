@@ -302,8 +302,8 @@ def test_sampled_steps_work_with_a_grad_scaler():
 
 
 def test_bench_heads_quick_runs():
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_heads.py"
-    result = subprocess.run([sys.executable, str(script), "--quick", "--threads", "1"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.bench_heads", "--quick", "--threads", "1"],
+                            capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert "sample_rate" in result.stdout and "0.10" in result.stdout and "1.00" in result.stdout

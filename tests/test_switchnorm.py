@@ -478,7 +478,8 @@ def test_bench_norm_quick_runs():
     out = subprocess.run(
         [
             sys.executable,
-            str(ROOT / "benchmarks" / "bench_norm.py"),
+            "-m",
+            "benchmarks.bench_norm",
             "--quick",
             "--threads",
             "1",
@@ -489,6 +490,7 @@ def test_bench_norm_quick_runs():
         text=True,
         timeout=120,
         check=True,
+        cwd=ROOT,
     ).stdout
     assert "SN/BN" in out and "(8, 64, 28, 28)" in out and "worst SN/BN time" in out
 

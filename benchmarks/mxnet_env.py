@@ -3,7 +3,8 @@
 mxnet 1.9.1 needs numpy < 1.24, so it cannot live in the project's environment. The venv is built once
 with ``python -m venv`` + pip and cached in ``$FACEREC_CACHE`` (default ``~/.cache/facerec``) under a name
 keyed by the pinned versions; a file lock serialises concurrent builders. Used by
-tests/test_mxnet_interop.py and benchmarks/bench_data.py (which run scripts in it with :func:`run_script`).
+tests/test_mxnet_interop.py and benchmarks/bench_data.py (which run scripts in it with :func:`run_script`);
+not part of the library, which never downloads anything.
 """
 from __future__ import annotations
 
