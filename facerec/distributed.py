@@ -86,13 +86,20 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     The embedding head's BatchNorm1d sits after the 2-D norms; with ``model.norm`` syncsn/syncbn the whole
     network should see global-batch statistics, and ``torch.nn.SyncBatchNorm`` runs on GPUs only. Assumes
     the same batch size on every process (as the training loader guarantees with ``drop_last``).
+    ``process_group``: the processes whose batches are pooled (default: all, as ``SyncSwitchNorm2d``).
     """
 
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
+                 process_group=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.process_group = process_group
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and dist.is_initialized() and dist.get_world_size(self.process_group) > 1):
             return super().forward(x)
-        world = dist.get_world_size()
-        stats = dist_nn.all_reduce(torch.cat([x.mean(0), (x * x).mean(0)])) / world
+        world = dist.get_world_size(self.process_group)
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        stats = dist_nn.all_reduce(torch.cat([x.mean(0), (x * x).mean(0)]), group=group) / world
         mean, mean_sq = stats.chunk(2)
         var = (mean_sq - mean * mean).clamp_min(0)
         if self.track_running_stats:
@@ -105,17 +112,18 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         return y * self.weight + self.bias if self.affine else y
 
 
-def sync_batchnorm1d(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.BatchNorm1d`` in ``model`` by :class:`SyncBatchNorm1d` (same state dict keys)."""
+def sync_batchnorm1d(model: nn.Module, process_group=None) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d`` in ``model`` by :class:`SyncBatchNorm1d` over ``process_group``
+    (same state dict keys)."""
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm1d:
             sync = SyncBatchNorm1d(child.num_features, child.eps, child.momentum, child.affine,
-                                   child.track_running_stats).to(child.weight.device)
+                                   child.track_running_stats, process_group).to(child.weight.device)
             sync.load_state_dict(child.state_dict())
             if child.affine:
                 sync.weight.requires_grad_(child.weight.requires_grad)
                 sync.bias.requires_grad_(child.bias.requires_grad)
             setattr(model, name, sync)
         else:
-            sync_batchnorm1d(child)
+            sync_batchnorm1d(child, process_group)
     return model

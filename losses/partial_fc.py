@@ -85,12 +85,15 @@ class PartialFC(nn.Module):
         num_classes: total number of classes over all processes.
         head: margin head ``head(cosine, labels) -> logits`` (e.g. :class:`losses.ArcFace`).
         sample_rate: fraction of each shard's class centres used per training step, in (0, 1].
+        process_group: the processes that share the class centres and the batch (default: all of them,
+            as ``SyncSwitchNorm2d``); world size and rank are those within it.
 
     Construct it after ``torch.distributed.init_process_group`` (when distributed); every process must
     pass batches of the same size.  Centres start as N(0, 0.01), as insightface.
     """
 
-    def __init__(self, embedding_size: int, num_classes: int, head: nn.Module, sample_rate: float = 1.0):
+    def __init__(self, embedding_size: int, num_classes: int, head: nn.Module, sample_rate: float = 1.0,
+                 process_group=None):
         super().__init__()
         for key, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -98,11 +101,15 @@ class PartialFC(nn.Module):
         if not 0.0 < sample_rate <= 1.0:
             raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
         distributed = dist.is_available() and dist.is_initialized()
-        self.world_size = dist.get_world_size() if distributed else 1
-        self.rank = dist.get_rank() if distributed else 0
+        self.world_size = dist.get_world_size(process_group) if distributed else 1
+        self.rank = dist.get_rank(process_group) if distributed else 0
+        if self.rank < 0:
+            raise ValueError("PartialFC: this process is not a member of process_group")
         if num_classes < self.world_size:
             raise ValueError(f"num_classes ({num_classes}) must be >= the world size ({self.world_size})")
-        self.group = dist.group.WORLD if self.world_size > 1 else None
+        self.group = None  # single process: no communication
+        if self.world_size > 1:
+            self.group = dist.group.WORLD if process_group is None else process_group
         self.embedding_size = embedding_size
         self.num_classes = num_classes
         self.sample_rate = float(sample_rate)

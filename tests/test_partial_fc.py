@@ -63,6 +63,13 @@ def _worker(rank, world, out_dir):
             loss = pfc(emb, labels[local])
             loss.backward()
             results[name] = (loss.detach(), emb.grad, pfc.weight.grad, (pfc.class_start, pfc.class_end))
+        # a process group of this rank alone: the whole, unsharded classifier over the local batch
+        alone = [dist.new_group([r]) for r in range(world)][rank]
+        pfc = PartialFC(D, C, HEADS["arcface"], process_group=alone)
+        pfc.load_state_dict({"weight": weight})
+        emb = embeddings[local].clone().requires_grad_()
+        pfc(emb, labels[local]).backward()
+        results["alone"] = (emb.grad, pfc.weight.grad, (pfc.world_size, pfc.class_start, pfc.class_end))
         # sampling across processes: positives of the *global* batch are kept on their shard
         torch.manual_seed(rank)
         pfc = PartialFC(D, 40, ArcFace(), sample_rate=0.25)
@@ -129,6 +136,16 @@ def test_two_processes_equal_full_classifier_and_state_dict_round_trip(tmp_path)
         torch.testing.assert_close(loss1, ref_loss)
         torch.testing.assert_close(torch.cat([emb_grad0, emb_grad1]), ref_emb_grad)
         torch.testing.assert_close(torch.cat([w_grad0, w_grad1]), ref_weight_grad)
+
+    # process_group: a group of one process holds every class and sees only its own batch
+    for rank in range(2):
+        emb_grad, w_grad, shard = ranks[rank]["alone"]
+        assert shard == (1, 0, C)
+        local = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+        ref = full_classifier(weight, embeddings[local], labels[local], HEADS["arcface"])
+        _, ref_emb_grad, ref_w_grad = ref
+        torch.testing.assert_close(emb_grad, ref_emb_grad)
+        torch.testing.assert_close(w_grad, ref_w_grad)
 
     # sampling: every global positive of the shard kept, fraction right, only sampled rows stepped
     positives = {0: {1, 2}, 1: {25 - 20, 26 - 20, 30 - 20, 39 - 20}}

@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
 from backbones import SwitchNorm2d, SyncSwitchNorm2d
+from facerec.distributed import SyncBatchNorm1d
 
 WORLD, LOCAL, C, H, W, STEPS = 2, 4, 5, 4, 3, 2
 PARAMS = ("weight", "bias", "mean_weight", "var_weight")
@@ -50,6 +52,13 @@ def run(layer, rows, dtype):
     return record
 
 
+def run_bn1d(layer, rows):
+    """One training forward of a BatchNorm1d on ``features[rows]``: output and running statistics."""
+    features = torch.randn(WORLD * LOCAL, C, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = layer.double().train()(features[rows])
+    return {"y": y.detach(), "running": (layer.running_mean.clone(), layer.running_var.clone())}
+
+
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -59,6 +68,9 @@ def _worker(rank, init_file, out_dir):
             str(dtype): run(make_layer(SyncSwitchNorm2d, dtype), rows, dtype)
             for dtype in (torch.float64, torch.float32)
         }
+        alone = [dist.new_group([r]) for r in range(WORLD)][rank]
+        for name, group in (("bn1d_world", None), ("bn1d_alone", alone)):
+            results[name] = run_bn1d(SyncBatchNorm1d(C, momentum=0.3, process_group=group), rows)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -82,3 +94,12 @@ def test_syncsn_two_processes_equal_one_big_batch(tmp_path):
             close(p["running"][0], full["running"][0])
             close(p["running"][1], full["running"][1])
             assert p["running"][2].item() == full["running"][2].item() == STEPS
+    # SyncBatchNorm1d: the whole batch over the default group, each process's own over a group of one
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)  # noqa: E731
+    world = run_bn1d(nn.BatchNorm1d(C, momentum=0.3), slice(None))
+    close(torch.cat([r["bn1d_world"]["y"] for r in ranks]), world["y"])
+    for rank, r in enumerate(ranks):
+        close(r["bn1d_world"]["running"], world["running"])
+        own = run_bn1d(nn.BatchNorm1d(C, momentum=0.3), slice(rank * LOCAL, (rank + 1) * LOCAL))
+        close(r["bn1d_alone"]["y"], own["y"])
+        close(r["bn1d_alone"]["running"], own["running"])
