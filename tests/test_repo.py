@@ -73,3 +73,11 @@ def test_packaging_lists_every_package_and_the_console_script():
     assert cli.main is __import__("run").main
     assert project["tool"]["setuptools"]["dynamic"]["dependencies"] == {"file": ["requirements.txt"]}
     assert "torch" in (ROOT / "requirements.txt").read_text()
+
+
+def test_benchmarks_are_modules_that_neither_edit_sys_path_nor_import_tests():
+    """Benchmarks run as ``python -m benchmarks.<name>`` from the repository root."""
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        source = path.read_text()
+        assert "sys.path" not in source, f"{path.name} edits sys.path"
+        assert "tests" not in _imported_top_level(path), f"{path.name} imports from tests/"
