@@ -1,0 +1,429 @@
+"""IJB-B / IJB-C template evaluation, as arcface_torch's ``eval_ijbc.py`` computed the published numbers.
+
+Image feature (flip sum, optional L2 normalisation, times the faceness score) -> media feature (mean of the
+media's images in the template) -> template feature (sum of its media, L2-normalised) -> cosine of the two
+templates of every pair -> TAR at FAR. 1:N identification searches the mixed probes in galleries G1 / G2
+(IJB-B: S1 / S2). Pure functions over arrays, vectorised over images, media, templates and pairs;
+:func:`read_ijb` and :func:`read_1n` are the I/O edge (``<root>/IJBC/meta/*`` as insightface distributes it).
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import sparse
+from sklearn.metrics import auc as _area_under_curve
+from sklearn.metrics import roc_curve as _sklearn_roc_curve
+
+FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+FPIRS = (1e-2, 1e-1)
+RANKS = (1, 5, 10)
+TARGETS = {"ijbc": "IJBC", "ijbb": "IJBB"}
+GALLERIES = {"ijbc": ("G1", "G2"), "ijbb": ("S1", "S2")}
+_CHUNK_BYTES = 1 << 24  # the pair file is parsed in pieces of about this size (cut at line ends)
+_BLOCK = 512  # template rows scored per matrix product in pair_scores
+_MAX_DIGITS = 18  # longest integer that fits int64 without overflow
+
+
+@dataclass(frozen=True)
+class IJBMeta:
+    """One IJB set's meta files: N images (in ``loose_crop``) and P template pairs."""
+
+    names: np.ndarray  # (N,) image file names, as in the meta files
+    landmarks: np.ndarray  # (N, 5, 2) float32 pixel (x, y): left eye, right eye, nose, mouth corners
+    faceness: np.ndarray  # (N,) float32 detector scores
+    templates: np.ndarray  # (N,) int64 template id of each image
+    medias: np.ndarray  # (N,) int64 media id (one still, or the frames of one video)
+    t1: np.ndarray  # (P,) int64 first template of each pair
+    t2: np.ndarray  # (P,) int64 second template
+    labels: np.ndarray  # (P,) int8: 1 same subject, 0 different
+
+
+def meta_dir(root, target: str) -> Path:
+    """``<root>/IJBC/meta`` for ``target`` "ijbc" (``IJBB``: "ijbb"); ``root`` may also be the IJBC folder."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown IJB target {target!r}; expected one of {', '.join(TARGETS)}")
+    root = Path(root)
+    folder = root / TARGETS[target]
+    return folder / "meta" if folder.is_dir() or not (root / "meta").is_dir() else root / "meta"
+
+
+def meta_path(root, target: str, suffix: str) -> Path:
+    """Meta file ``<target>_<suffix>`` (e.g. ``ijbc_face_tid_mid.txt``); missing raises FileNotFoundError."""
+    path = meta_dir(root, target) / f"{target}_{suffix}"
+    if not path.is_file():
+        raise FileNotFoundError(f"IJB meta file not found: {path} (expected the insightface IJB_release "
+                                f"layout <root>/{TARGETS[target]}/meta/{target}_{suffix})")
+    return path
+
+
+def _text_rows(path: Path, columns: int, what: str):
+    """``(line_no, fields)`` of each non-blank line of ``path``, checking the number of fields."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if len(fields) != columns:
+                raise ValueError(f"{path}:{line_no}: expected {columns} fields ({what}), got {len(fields)}: "
+                                 f"{line.strip()[:200]!r}")
+            yield line_no, fields
+
+
+def read_face_tid_mid(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``image_name template_id media_id`` lines -> (names, templates, medias)."""
+    names, numbers = [], []
+    for line_no, (name, template, media) in _text_rows(Path(path), 3, "image_name template_id media_id"):
+        try:
+            numbers.append((int(template), int(media)))
+        except ValueError:
+            raise ValueError(f"{path}:{line_no}: template and media ids must be integers, got "
+                             f"{template!r} {media!r}") from None
+        names.append(name)
+    if not names:
+        raise ValueError(f"{path}: no images listed")
+    ids = np.array(numbers, dtype=np.int64).reshape(-1, 2)
+    return np.array(names, dtype=object), ids[:, 0], ids[:, 1]
+
+
+def read_landmarks(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``image_name x1 y1 ... x5 y5 faceness`` lines -> (names, (N, 5, 2) landmarks, faceness)."""
+    names, numbers = [], []
+    for line_no, fields in _text_rows(Path(path), 12, "image_name, 5 x/y landmark pairs, faceness score"):
+        try:
+            values = [float(v) for v in fields[1:]]
+        except ValueError:
+            raise ValueError(f"{path}:{line_no}: landmarks and score must be numbers: {fields[1:]}") from None
+        if not all(math.isfinite(v) for v in values):
+            raise ValueError(f"{path}:{line_no}: landmarks and score must be finite: {fields[1:]}")
+        names.append(fields[0])
+        numbers.append(values)
+    if not names:
+        raise ValueError(f"{path}: no images listed")
+    values = np.array(numbers, dtype=np.float32)
+    return np.array(names, dtype=object), values[:, :10].reshape(-1, 5, 2), values[:, 10]
+
+
+# byte kinds for the integer-table parser: 0 blank (space, tab, CR), 1 digit, 2 line feed, 3 anything else
+_BYTE_KIND = np.full(256, 3, dtype=np.uint8)
+_BYTE_KIND[[ord(" "), ord("\t"), ord("\r"), 0x0B, 0x0C]] = 0
+_BYTE_KIND[ord("0"):ord("9") + 1] = 1
+_BYTE_KIND[ord("\n")] = 2
+_DIGIT = np.zeros(256, dtype=np.int64)
+_DIGIT[ord("0"):ord("9") + 1] = np.arange(10)
+
+
+def _line_text(raw: np.ndarray, start: int, line_ends: np.ndarray, index: int) -> str:
+    lo = int(line_ends[index - 1]) + 1 if index > 0 else 0
+    hi = int(line_ends[index]) if index < len(line_ends) else len(raw)
+    return bytes(raw[start + lo:start + min(hi, lo + 200)]).decode("utf-8", "replace").strip()
+
+
+def _parse_int_chunk(raw: np.ndarray, start: int, stop: int, columns: int, first_line: int, path) -> tuple:
+    """Integers of ``raw[start:stop]`` (whole lines) as (rows, columns) int64, and the number of lines."""
+    piece = raw[start:stop]
+    kind = _BYTE_KIND[piece]
+    line_ends = np.flatnonzero(kind == 2)
+    lines = len(line_ends) + (1 if len(line_ends) == 0 or line_ends[-1] != len(piece) - 1 else 0)
+    bad = np.flatnonzero(kind == 3)
+    if bad.size:
+        index = int(np.searchsorted(line_ends, bad[0]))
+        raise ValueError(f"{path}:{first_line + index}: expected {columns} non-negative integers, got "
+                         f"{_line_text(raw, start, line_ends, index)!r}")
+    edges = np.diff((kind == 1).view(np.int8), prepend=np.int8(0), append=np.int8(0))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    token_lines = np.searchsorted(line_ends, starts)
+    per_line = np.bincount(token_lines, minlength=lines)
+    wrong = np.flatnonzero((per_line != columns) & (per_line != 0))
+    if wrong.size:
+        index = int(wrong[0])
+        raise ValueError(f"{path}:{first_line + index}: expected {columns} integers, got {per_line[index]} "
+                         f"fields: {_line_text(raw, start, line_ends, index)!r}")
+    lengths = ends - starts
+    if lengths.size and lengths.max() > _MAX_DIGITS:
+        index = int(token_lines[np.argmax(lengths)])
+        raise ValueError(f"{path}:{first_line + index}: integer too long: "
+                         f"{_line_text(raw, start, line_ends, index)!r}")
+    values = np.zeros(len(starts), dtype=np.int64)
+    for j in range(int(lengths.max()) if lengths.size else 0):  # the j-th digit from the right of each token
+        digits = _DIGIT[piece[np.maximum(ends - 1 - j, 0)]]
+        values += np.where(lengths > j, digits, 0) * 10**j
+    return values.reshape(-1, columns), lines
+
+
+def read_int_table(path, columns: int) -> np.ndarray:
+    """A file of whitespace-separated non-negative integers, ``columns`` per line, as (rows, columns) int64.
+
+    Spaces, tabs, CRLF line ends and blank lines are accepted. Vectorised over the file's bytes in pieces of
+    about 16 MB: seconds for IJB-C's 15.7M-line pair file. Any other content raises ValueError naming the
+    file and line."""
+    path = Path(path)
+    raw = np.fromfile(path, dtype=np.uint8)
+    parts, line, start = [], 1, 0
+    while start < len(raw):
+        stop = min(start + _CHUNK_BYTES, len(raw))
+        if stop < len(raw):  # cut after the last line feed of the piece (or the next one after it)
+            newline = np.flatnonzero(raw[start:stop] == 10)
+            if newline.size:
+                stop = start + int(newline[-1]) + 1
+            else:
+                further = np.flatnonzero(raw[stop:] == 10)
+                stop = stop + int(further[0]) + 1 if further.size else len(raw)
+        values, lines = _parse_int_chunk(raw, start, stop, columns, line, path)
+        parts.append(values)
+        line, start = line + lines, stop
+    return np.concatenate(parts) if parts else np.zeros((0, columns), dtype=np.int64)
+
+
+def read_pairs(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``template_1 template_2 label`` lines -> (t1, t2, labels int8); a label other than 0/1 is refused."""
+    table = read_int_table(path, 3)
+    if not len(table):
+        raise ValueError(f"{path}: no template pairs listed")
+    bad = np.flatnonzero(table[:, 2] > 1)
+    if bad.size:
+        raise ValueError(f"{path}:{_line_of_row(path, bad[0])}: label must be 0 or 1, got {table[bad[0], 2]}")
+    return table[:, 0], table[:, 1], table[:, 2].astype(np.int8)
+
+
+def _line_of_row(path, row: int) -> int:
+    """Line number of the ``row``-th (0-based) non-blank line of ``path`` (for error messages)."""
+    with open(path, "rb") as f:
+        rows = (line_no for line_no, line in enumerate(f, start=1) if line.strip())
+        return next(line_no for i, line_no in enumerate(rows) if i == row)
+
+
+def _rows_of(ids: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row of each of ``ids`` in the sorted unique ``known``, and the indices of the ids not there."""
+    rows = np.minimum(np.searchsorted(known, ids), len(known) - 1)
+    return rows, np.flatnonzero(known[rows] != ids)
+
+
+def _require_known(ids: np.ndarray, known: np.ndarray, what: str) -> np.ndarray:
+    """Rows of ``ids`` in ``known`` (see :func:`_rows_of`); an unknown id raises ValueError naming it."""
+    rows, unknown = _rows_of(ids, known)
+    if unknown.size:
+        raise ValueError(f"{what} {ids[unknown[0]]} (entry {unknown[0] + 1}) is not a known template "
+                         f"({unknown.size} entries name unknown templates)")
+    return rows
+
+
+def _align_names(names: np.ndarray, other: np.ndarray, path) -> np.ndarray:
+    """Index into ``other`` for each of ``names`` (identity when both list the same images in order)."""
+    if len(names) == len(other) and np.array_equal(names, other):
+        return np.arange(len(names))
+    where = {name: i for i, name in enumerate(other)}
+    missing = [name for name in names if name not in where]
+    if missing:
+        raise ValueError(f"{path}: no landmarks for image {missing[0]!r} ({len(missing)} images missing)")
+    return np.array([where[name] for name in names], dtype=np.int64)
+
+
+def read_ijb(root, target: str = "ijbc") -> IJBMeta:
+    """Read ``<root>/<IJBC|IJBB>/meta``: images with templates, medias, 5 landmarks and faceness; the pairs.
+
+    Every pair must name templates that have images: an unknown one raises ValueError naming it."""
+    tid_mid = meta_path(root, target, "face_tid_mid.txt")
+    points = meta_path(root, target, "name_5pts_score.txt")
+    pairs = meta_path(root, target, "template_pair_label.txt")
+    names, templates, medias = read_face_tid_mid(tid_mid)
+    point_names, landmarks, faceness = read_landmarks(points)
+    order = _align_names(names, point_names, points)
+    t1, t2, labels = read_pairs(pairs)
+    known = np.unique(templates)
+    for column, ids in (("template_1", t1), ("template_2", t2)):
+        unknown = _rows_of(ids, known)[1]
+        if unknown.size:
+            line = _line_of_row(pairs, unknown[0])
+            raise ValueError(f"{pairs}:{line}: {column} {ids[unknown[0]]} is not a template of {tid_mid} "
+                             f"({unknown.size} pairs name unknown templates)")
+    return IJBMeta(names, landmarks[order], faceness[order], templates, medias, t1, t2, labels)
+
+
+def read_1n(root, target: str = "ijbc") -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The 1:N protocol: ``{"G1": (templates, subjects), "G2": ..., "probe": ...}`` (IJB-B: S1, S2).
+
+    Read from the distributed CSVs (``ijbc_1N_gallery_G1.csv``, ``..._G2.csv``, ``ijbc_1N_probe_mixed.csv``;
+    header with TEMPLATE_ID and SUBJECT_ID, one row per image): one entry per template, sorted by id."""
+    names = {g: f"1N_gallery_{g}.csv" for g in GALLERIES[target]} | {"probe": "1N_probe_mixed.csv"}
+    return {key: _read_1n_csv(meta_path(root, target, name)) for key, name in names.items()}
+
+
+def _read_1n_csv(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        rows = list(csv.reader(f))
+    header = [h.strip().upper() for h in rows[0]] if rows else []
+    if "TEMPLATE_ID" not in header or "SUBJECT_ID" not in header:
+        raise ValueError(f"{path}:1: expected a header naming TEMPLATE_ID and SUBJECT_ID, got {rows[:1]}")
+    columns = header.index("TEMPLATE_ID"), header.index("SUBJECT_ID")
+    subject_of = {}
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row or not "".join(row).strip():
+            continue
+        try:
+            template, subject = (int(row[c]) for c in columns)
+        except (ValueError, IndexError):
+            raise ValueError(f"{path}:{line_no}: TEMPLATE_ID, SUBJECT_ID must be integers: {row}") from None
+        if subject_of.setdefault(template, subject) != subject:
+            raise ValueError(f"{path}:{line_no}: template {template} listed with subjects "
+                             f"{subject_of[template]} and {subject}")
+    if not subject_of:
+        raise ValueError(f"{path}: no templates listed")
+    templates = np.array(sorted(subject_of), dtype=np.int64)
+    return templates, np.array([subject_of[t] for t in templates], dtype=np.int64)
+
+
+def l2_rows(x: np.ndarray) -> np.ndarray:
+    """Rows of ``x`` divided by their L2 norm, in place; all-zero rows stay zero (sklearn's ``normalize``)."""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
+    x /= np.where(norms == 0, 1, norms)[:, None]
+    return x
+
+
+def image_features(embeddings, flipped, faceness, flip: bool = True, norm_score: bool = True,
+                   detector_score: bool = True) -> np.ndarray:
+    """Per-image features (N, D) from the raw embeddings of the images and of their horizontal flips.
+
+    ``flip``: sum the two (else the image's alone); ``norm_score``: keep the raw sum so that its norm weighs
+    the image (else L2-normalise it); ``detector_score``: multiply by ``faceness``. All on, as published.
+    Keeps the input dtype (float32 embeddings give float32 features)."""
+    x = np.asarray(embeddings)
+    features = x + np.asarray(flipped, dtype=x.dtype) if flip else x.copy()
+    if not norm_score:
+        l2_rows(features)
+    if detector_score:
+        features *= np.asarray(faceness, dtype=features.dtype)[:, None]
+    return features
+
+
+def template_features(image_features, templates, medias, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Template features (T, D) float64, L2-normalised, and their sorted ids (T,).
+
+    A template's feature is the sum over its medias of the mean of that media's images in the template.
+    Computed as one sparse (T, N) weighting times the image features, ``block`` columns at a time in
+    float64 (the image features are never copied whole)."""
+    x = np.asarray(image_features)
+    templates, medias = np.asarray(templates), np.asarray(medias)
+    if x.ndim != 2 or templates.shape != (len(x),) or medias.shape != (len(x),):
+        raise ValueError(f"need (N, D) image features with N templates and medias, got {x.shape}, "
+                         f"{templates.shape}, {medias.shape}")
+    template_ids, template_row = np.unique(templates, return_inverse=True)
+    media_ids, media_row = np.unique(medias, return_inverse=True)
+    _, group, counts = np.unique(template_row * len(media_ids) + media_row, return_inverse=True,
+                                 return_counts=True)
+    weights = sparse.csr_matrix((1.0 / counts[group], (template_row, np.arange(len(x)))),
+                                shape=(len(template_ids), len(x)))
+    features = np.empty((len(template_ids), x.shape[1]), dtype=np.float64)
+    for lo in range(0, x.shape[1], block):
+        features[:, lo:lo + block] = weights @ x[:, lo:lo + block].astype(np.float64)
+    return l2_rows(features), template_ids
+
+
+def pair_scores(features, template_ids, t1, t2) -> np.ndarray:
+    """Cosine score (P,) float64 of each template pair: the dot product of the two template features.
+
+    ``features`` (T, D) L2-normalised with sorted ``template_ids`` (T,), as :func:`template_features` gives.
+    Pairs are grouped by their first template; each block of first templates is scored against the second
+    templates it meets with one matrix product when that is denser than gathering rows pair by pair."""
+    f = np.asarray(features, dtype=np.float64)
+    ids = np.asarray(template_ids)
+    i1 = _require_known(np.asarray(t1), ids, "template_1 of the pairs")
+    i2 = _require_known(np.asarray(t2), ids, "template_2 of the pairs")
+    order = np.argsort(i1, kind="stable")
+    sorted_first = i1[order]
+    firsts = np.unique(sorted_first)
+    scores = np.empty(len(i1), dtype=np.float64)
+    for k in range(0, len(firsts), _BLOCK):
+        rows = firsts[k:k + _BLOCK]
+        pairs = order[np.searchsorted(sorted_first, rows[0]):np.searchsorted(sorted_first, rows[-1], "right")]
+        columns, column = np.unique(i2[pairs], return_inverse=True)
+        if len(rows) * len(columns) <= 8 * len(pairs):
+            scores[pairs] = (f[rows] @ f[columns].T)[np.searchsorted(rows, i1[pairs]), column]
+        else:
+            scores[pairs] = np.einsum("ij,ij->i", f[i1[pairs]], f[i2[pairs]])
+    return scores
+
+
+def roc(labels, scores) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's ``roc_curve`` (defaults, as published): false and true positive rates, thresholds."""
+    return _sklearn_roc_curve(np.asarray(labels), np.asarray(scores))
+
+
+def published_index(fpr: np.ndarray, far: float) -> int:
+    """Index of the ROC point whose FPR is nearest ``far``; the last such point (larger TPR) on ties.
+
+    arcface_torch flips the curve and takes ``min(zip(abs(fpr - far), range(n)))``: the first index of the
+    flipped curve is the last of the original one."""
+    distance = np.abs(np.asarray(fpr) - far)
+    return len(distance) - 1 - int(np.argmin(distance[::-1]))
+
+
+def bounded_threshold(negatives_descending: np.ndarray, far: float) -> float:
+    """Score threshold (accept ``score > threshold``) admitting at most ``floor(far * negatives)`` negatives.
+
+    ``-inf`` (accept all) when that allows every negative."""
+    allowed = int(np.floor(far * len(negatives_descending) + 1e-9))
+    return float(negatives_descending[allowed]) if allowed < len(negatives_descending) else -math.inf
+
+
+def tar_at_far(labels, scores, fars=FARS) -> dict:
+    """TAR at each FAR of ``fars`` by two rules, with the AUC and the ROC curve.
+
+    ``published``: on scikit-learn's ROC, the point whose FPR is nearest the target, the larger TPR on ties
+    (arcface_torch's rule: its FPR can exceed the target). ``bounded``: the threshold from the sorted
+    negative scores that never lets the FAR exceed the target (``score > threshold``). Returns lists aligned
+    with ``fars`` (``published``, ``published_far``, ``published_threshold``, ``bounded``, ``bounded_far``,
+    ``bounded_threshold``), ``auc``, ``positives``, ``negatives`` and ``roc`` = (fpr, tpr)."""
+    labels = np.asarray(labels).astype(bool)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.shape != scores.shape or labels.ndim != 1:
+        raise ValueError(f"need one score per label, got {scores.shape} scores and {labels.shape} labels")
+    if labels.all() or not labels.any():
+        raise ValueError("TAR at FAR needs both same-subject and different-subject pairs")
+    fpr, tpr, thresholds = roc(labels, scores)
+    negatives = np.sort(scores[~labels])[::-1]  # descending
+    positives = np.sort(scores[labels])
+    result = {key: [] for key in ("published", "published_far", "published_threshold", "bounded",
+                                  "bounded_far", "bounded_threshold")}
+    for far in fars:
+        i = published_index(fpr, far)
+        threshold = bounded_threshold(negatives, far)
+        result["published"].append(float(tpr[i]))
+        result["published_far"].append(float(fpr[i]))
+        result["published_threshold"].append(float(thresholds[i]))
+        result["bounded"].append(1.0 - np.searchsorted(positives, threshold, side="right") / len(positives))
+        result["bounded_far"].append(np.count_nonzero(negatives > threshold) / len(negatives))
+        result["bounded_threshold"].append(threshold)
+    return {"fars": list(fars), **result, "auc": float(_area_under_curve(fpr, tpr)),
+            "positives": int(labels.sum()), "negatives": int((~labels).sum()), "roc": (fpr, tpr)}
+
+
+def identification(probe_features, probe_subjects, gallery_features, gallery_subjects, ranks=RANKS,
+                   fpirs=FPIRS) -> dict:
+    """Open-set 1:N search of probe templates in a gallery (features L2-normalised, cosine scores).
+
+    A subject's score is its best gallery template's. Mated probes (subject in the gallery) give the
+    rank-k identification rates (rank = 1 + subjects scoring strictly higher than the mate). Non-mated
+    probes' top scores set the threshold at each FPIR (never exceeded: at most ``floor(fpir * non-mated)``
+    above it); TPIR = share of mated probes with the mate at rank 1 and a score above the threshold."""
+    probe_subjects, gallery_subjects = np.asarray(probe_subjects), np.asarray(gallery_subjects)
+    scores = np.asarray(probe_features, dtype=np.float64) @ np.asarray(gallery_features, dtype=np.float64).T
+    subjects, column = np.unique(gallery_subjects, return_inverse=True)
+    by_subject = np.argsort(column, kind="stable")
+    starts = np.searchsorted(column[by_subject], np.arange(len(subjects)))
+    subject_scores = np.maximum.reduceat(scores[:, by_subject], starts, axis=1)
+    mated = np.isin(probe_subjects, subjects)
+    mated_scores = subject_scores[mated]
+    mate = mated_scores[np.arange(len(mated_scores)), np.searchsorted(subjects, probe_subjects[mated])]
+    rank = 1 + np.count_nonzero(mated_scores > mate[:, None], axis=1)
+    nonmated_top = np.sort(subject_scores[~mated].max(axis=1, initial=-math.inf))[::-1]
+    thresholds = [bounded_threshold(nonmated_top, fpir) if len(nonmated_top) else math.nan for fpir in fpirs]
+    tpir = [float(np.mean((rank == 1) & (mate > t))) if len(mate) and len(nonmated_top) else math.nan
+            for t in thresholds]
+    return {"rank": {k: float(np.mean(rank <= k)) if len(rank) else math.nan for k in ranks},
+            "fpirs": list(fpirs), "tpir": tpir, "tpir_threshold": thresholds,
+            "mated": int(mated.sum()), "nonmated": int((~mated).sum()),
+            "gallery_templates": len(gallery_subjects)}
