@@ -202,8 +202,9 @@ def _rows_of(ids: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return rows, np.flatnonzero(known[rows] != ids)
 
 
-def _require_known(ids: np.ndarray, known: np.ndarray, what: str) -> np.ndarray:
-    """Rows of ``ids`` in ``known`` (see :func:`_rows_of`); an unknown id raises ValueError naming it."""
+def template_rows(ids, known: np.ndarray, what: str) -> np.ndarray:
+    """Row of each template of ``ids`` in the sorted ``known``; an unknown one raises ValueError naming it."""
+    ids = np.asarray(ids)
     rows, unknown = _rows_of(ids, known)
     if unknown.size:
         raise ValueError(f"{what} {ids[unknown[0]]} (entry {unknown[0] + 1}) is not a known template "
@@ -330,8 +331,8 @@ def pair_scores(features, template_ids, t1, t2) -> np.ndarray:
     templates it meets with one matrix product when that is denser than gathering rows pair by pair."""
     f = np.asarray(features, dtype=np.float64)
     ids = np.asarray(template_ids)
-    i1 = _require_known(np.asarray(t1), ids, "template_1 of the pairs")
-    i2 = _require_known(np.asarray(t2), ids, "template_2 of the pairs")
+    i1 = template_rows(t1, ids, "template_1 of the pairs")
+    i2 = template_rows(t2, ids, "template_2 of the pairs")
     order = np.argsort(i1, kind="stable")
     sorted_first = i1[order]
     firsts = np.unique(sorted_first)

@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from eval import ijb
 
-# ---------------------------------------------------------------- a straightforward reference (loops, float64)
+# ---------------------------------------------------------------- straightforward reference (loops, float64)
 
 
 def loop_template_scores(emb, flipped, faceness, templates, medias, t1, t2, flip, norm_score, detector_score):
@@ -53,7 +53,7 @@ def random_structure(rng, templates=30, dim=8, subjects=6):
     rows = []
     media = 1000
     for t in range(templates):
-        for m in range(1 if t % 3 == 0 else int(rng.integers(1, 4))):
+        for _ in range(1 if t % 3 == 0 else int(rng.integers(1, 4))):
             media += 1
             rows += [(t * 7 + 3, media)] * int(rng.choice([1, 1, 2, 5]))
     rows.append((3, 1001))  # media 1001 shared by two templates: grouped per template
@@ -86,7 +86,7 @@ def test_vectorised_pipeline_matches_loop(switches, seed):
     scores = ijb.pair_scores(template_feats, ids, t1, t2)
     np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-9)
     result = ijb.tar_at_far(labels, scores, fars=(1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5))
-    assert 1e-4 < 1 / result["negatives"]  # a FAR below 1/negatives is among the targets
+    assert 1 / result["negatives"] > 1e-4  # a FAR below 1/negatives is among the targets
     for far, published, bounded, actual in zip(result["fars"], result["published"], result["bounded"],
                                                result["bounded_far"]):
         assert published == loop_published_tar(labels, expected, far)
@@ -118,7 +118,6 @@ def test_pair_scores_refuses_unknown_template_naming_it():
 def test_published_rule_takes_larger_tpr_on_ties():
     # two points share the nearest FPR (a vertical step): the upper one
     fpr = np.array([0.0, 0.0, 0.001, 0.001, 0.002, 1.0])
-    tpr = np.array([0.0, 0.3, 0.4, 0.7, 0.8, 1.0])
     assert ijb.published_index(fpr, 0.001) == 3
     # equally far below and above the target: the later (larger FPR, larger TPR) point
     assert ijb.published_index(fpr, 0.0015) == 4
@@ -174,7 +173,7 @@ def test_identification_matches_loop():
     gallery_subjects = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 3, 5])  # subjects 3 and 5: two templates
     probe_subjects = rng.integers(0, 15, 80)  # 10..14 are not in the gallery
     probe = ijb.l2_rows(gallery[np.minimum(probe_subjects, 9)] + 0.8 * rng.normal(size=(80, 6)))
-    result = ijb.identification(probe, probe_subjects, gallery, gallery_subjects, ranks=(1, 5), fpirs=(0.1, 0.3))
+    result = ijb.identification(probe, probe_subjects, gallery, gallery_subjects, (1, 5), (0.1, 0.3))
     assert result["mated"] + result["nonmated"] == 80 and result["nonmated"] > 0
     for k in (1, 5):
         for fpir, tpir in zip((0.1, 0.3), result["tpir"]):
@@ -196,7 +195,8 @@ def write_meta(root, tid_mid, points, pairs, target="ijbc"):
     return meta
 
 
-POINTS = b"".join(f"{i}.jpg {' '.join(str(10 + k + i) for k in range(10))} 0.{i}\n".encode() for i in (1, 2, 3))
+POINTS = "".join(f"{i}.jpg {' '.join(str(10 + k + i) for k in range(10))} 0.{i}\n" for i in (1, 2, 3))
+POINTS = POINTS.encode()
 
 
 def test_read_ijb_whitespace_conventions(tmp_path):
@@ -255,9 +255,9 @@ def test_read_int_table_across_pieces(tmp_path, monkeypatch):
 
 
 def test_read_1n(tmp_path):
-    meta = write_meta(tmp_path, b"1.jpg 1 1\n", POINTS[:0] + b"1.jpg 1 2 3 4 5 6 7 8 9 10 1\n", b"1 1 1\n")
+    meta = write_meta(tmp_path, b"1.jpg 1 1\n", b"1.jpg 1 2 3 4 5 6 7 8 9 10 1\n", b"1 1 1\n")
     header = "TEMPLATE_ID,SUBJECT_ID,FILENAME,SIGHTING_ID\n"
-    (meta / "ijbc_1N_gallery_G1.csv").write_text(header + "5,50,img/1.jpg,1\n5,50,img/2.jpg,2\n3,30,img/3.jpg,3\n")
+    (meta / "ijbc_1N_gallery_G1.csv").write_text(header + "5,50,a.jpg,1\n5,50,b.jpg,2\n3,30,c.jpg,3\n")
     (meta / "ijbc_1N_gallery_G2.csv").write_text(header + "7,70,img/4.jpg,4\n")
     (meta / "ijbc_1N_probe_mixed.csv").write_text(header + "9,50,frames/1.png,5\n\n11,70,img/5.jpg,6\n")
     found = ijb.read_1n(tmp_path, "ijbc")
