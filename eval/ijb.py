@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,9 +24,7 @@ FPIRS = (1e-2, 1e-1)
 RANKS = (1, 5, 10)
 TARGETS = {"ijbc": "IJBC", "ijbb": "IJBB"}
 GALLERIES = {"ijbc": ("G1", "G2"), "ijbb": ("S1", "S2")}
-_CHUNK_BYTES = 1 << 24  # the pair file is parsed in pieces of about this size (cut at line ends)
 _BLOCK = 512  # template rows scored per matrix product in pair_scores
-_MAX_DIGITS = 18  # longest integer that fits int64 without overflow
 
 
 @dataclass(frozen=True)
@@ -107,75 +106,34 @@ def read_landmarks(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return np.array(names, dtype=object), values[:, :10].reshape(-1, 5, 2), values[:, 10]
 
 
-# byte kinds for the integer-table parser: 0 blank (space, tab, CR), 1 digit, 2 line feed, 3 anything else
-_BYTE_KIND = np.full(256, 3, dtype=np.uint8)
-_BYTE_KIND[[ord(" "), ord("\t"), ord("\r"), 0x0B, 0x0C]] = 0
-_BYTE_KIND[ord("0"):ord("9") + 1] = 1
-_BYTE_KIND[ord("\n")] = 2
-_DIGIT = np.zeros(256, dtype=np.int64)
-_DIGIT[ord("0"):ord("9") + 1] = np.arange(10)
-
-
-def _line_text(raw: np.ndarray, start: int, line_ends: np.ndarray, index: int) -> str:
-    lo = int(line_ends[index - 1]) + 1 if index > 0 else 0
-    hi = int(line_ends[index]) if index < len(line_ends) else len(raw)
-    return bytes(raw[start + lo:start + min(hi, lo + 200)]).decode("utf-8", "replace").strip()
-
-
-def _parse_int_chunk(raw: np.ndarray, start: int, stop: int, columns: int, first_line: int, path) -> tuple:
-    """Integers of ``raw[start:stop]`` (whole lines) as (rows, columns) int64, and the number of lines."""
-    piece = raw[start:stop]
-    kind = _BYTE_KIND[piece]
-    line_ends = np.flatnonzero(kind == 2)
-    lines = len(line_ends) + (1 if len(line_ends) == 0 or line_ends[-1] != len(piece) - 1 else 0)
-    bad = np.flatnonzero(kind == 3)
-    if bad.size:
-        index = int(np.searchsorted(line_ends, bad[0]))
-        raise ValueError(f"{path}:{first_line + index}: expected {columns} non-negative integers, got "
-                         f"{_line_text(raw, start, line_ends, index)!r}")
-    edges = np.diff((kind == 1).view(np.int8), prepend=np.int8(0), append=np.int8(0))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    token_lines = np.searchsorted(line_ends, starts)
-    per_line = np.bincount(token_lines, minlength=lines)
-    wrong = np.flatnonzero((per_line != columns) & (per_line != 0))
-    if wrong.size:
-        index = int(wrong[0])
-        raise ValueError(f"{path}:{first_line + index}: expected {columns} integers, got {per_line[index]} "
-                         f"fields: {_line_text(raw, start, line_ends, index)!r}")
-    lengths = ends - starts
-    if lengths.size and lengths.max() > _MAX_DIGITS:
-        index = int(token_lines[np.argmax(lengths)])
-        raise ValueError(f"{path}:{first_line + index}: integer too long: "
-                         f"{_line_text(raw, start, line_ends, index)!r}")
-    values = np.zeros(len(starts), dtype=np.int64)
-    for j in range(int(lengths.max()) if lengths.size else 0):  # the j-th digit from the right of each token
-        digits = _DIGIT[piece[np.maximum(ends - 1 - j, 0)]]
-        values += np.where(lengths > j, digits, 0) * 10**j
-    return values.reshape(-1, columns), lines
+def _first_bad_line(path: Path, columns: int) -> str:
+    """``path:line: ...`` for the first line that is not ``columns`` integers ("" if there is none)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, start=1):
+            fields = line.split()
+            if fields and (len(fields) != columns or not all(v.lstrip("+-").isdigit() for v in fields)):
+                return (f"{path}:{line_no}: expected {columns} integers, got {len(fields)} fields: "
+                        f"{line.strip()[:200]!r}")
+    return ""
 
 
 def read_int_table(path, columns: int) -> np.ndarray:
-    """A file of whitespace-separated non-negative integers, ``columns`` per line, as (rows, columns) int64.
+    """A file of whitespace-separated integers, ``columns`` per line, as (rows, columns) int64.
 
-    Spaces, tabs, CRLF line ends and blank lines are accepted. Vectorised over the file's bytes in pieces of
-    about 16 MB: seconds for IJB-C's 15.7M-line pair file. Any other content raises ValueError naming the
-    file and line."""
+    Spaces, tabs, CRLF line ends and blank lines are accepted. NumPy's C parser (``np.loadtxt``) reads it:
+    seconds for IJB-C's 15.7M-line pair file. Anything else raises ValueError naming the file and line."""
     path = Path(path)
-    raw = np.fromfile(path, dtype=np.uint8)
-    parts, line, start = [], 1, 0
-    while start < len(raw):
-        stop = min(start + _CHUNK_BYTES, len(raw))
-        if stop < len(raw):  # cut after the last line feed of the piece (or the next one after it)
-            newline = np.flatnonzero(raw[start:stop] == 10)
-            if newline.size:
-                stop = start + int(newline[-1]) + 1
-            else:
-                further = np.flatnonzero(raw[stop:] == 10)
-                stop = stop + int(further[0]) + 1 if further.size else len(raw)
-        values, lines = _parse_int_chunk(raw, start, stop, columns, line, path)
-        parts.append(values)
-        line, start = line + lines, stop
-    return np.concatenate(parts) if parts else np.zeros((0, columns), dtype=np.int64)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "input contained no data": checked by the caller
+            table = np.loadtxt(path, dtype=np.int64, comments=None, ndmin=2)
+    except ValueError as exc:
+        raise ValueError(_first_bad_line(path, columns) or f"{path}: {exc}") from None
+    if table.size == 0:
+        return np.zeros((0, columns), dtype=np.int64)
+    if table.shape[1] != columns:
+        raise ValueError(_first_bad_line(path, columns))
+    return table
 
 
 def read_pairs(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -183,7 +141,7 @@ def read_pairs(path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     table = read_int_table(path, 3)
     if not len(table):
         raise ValueError(f"{path}: no template pairs listed")
-    bad = np.flatnonzero(table[:, 2] > 1)
+    bad = np.flatnonzero((table[:, 2] < 0) | (table[:, 2] > 1))
     if bad.size:
         raise ValueError(f"{path}:{_line_of_row(path, bad[0])}: label must be 0 or 1, got {table[bad[0], 2]}")
     return table[:, 0], table[:, 1], table[:, 2].astype(np.int8)
@@ -197,7 +155,15 @@ def _line_of_row(path, row: int) -> int:
 
 
 def _rows_of(ids: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row of each of ``ids`` in the sorted unique ``known``, and the indices of the ids not there."""
+    """Row of each of ``ids`` in the sorted unique ``known``, and the indices of the ids not there.
+
+    A lookup table when the ids are small enough for one (IJB's are), else a binary search."""
+    if known[0] >= 0 and known[-1] < 4 * len(ids) + 4096:
+        table = np.full(int(known[-1]) + 1, -1, dtype=np.int64)
+        table[known] = np.arange(len(known))
+        rows = table[np.clip(ids, 0, len(table) - 1)]
+        unknown = np.flatnonzero((rows < 0) | (ids < 0) | (ids >= len(table)))
+        return np.maximum(rows, 0), unknown
     rows = np.minimum(np.searchsorted(known, ids), len(known) - 1)
     return rows, np.flatnonzero(known[rows] != ids)
 
@@ -300,11 +266,11 @@ def image_features(embeddings, flipped, faceness, flip: bool = True, norm_score:
     return features
 
 
-def template_features(image_features, templates, medias, block: int = 64) -> tuple[np.ndarray, np.ndarray]:
+def template_features(image_features, templates, medias, block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """Template features (T, D) float64, L2-normalised, and their sorted ids (T,).
 
     A template's feature is the sum over its medias of the mean of that media's images in the template.
-    Computed as one sparse (T, N) weighting times the image features, ``block`` columns at a time in
+    Computed as one sparse (T, N) weighting times the image features, ``block`` images at a time in
     float64 (the image features are never copied whole)."""
     x = np.asarray(image_features)
     templates, medias = np.asarray(templates), np.asarray(medias)
@@ -315,11 +281,11 @@ def template_features(image_features, templates, medias, block: int = 64) -> tup
     media_ids, media_row = np.unique(medias, return_inverse=True)
     _, group, counts = np.unique(template_row * len(media_ids) + media_row, return_inverse=True,
                                  return_counts=True)
-    weights = sparse.csr_matrix((1.0 / counts[group], (template_row, np.arange(len(x)))),
+    weights = sparse.csc_matrix((1.0 / counts[group], (template_row, np.arange(len(x)))),
                                 shape=(len(template_ids), len(x)))
-    features = np.empty((len(template_ids), x.shape[1]), dtype=np.float64)
-    for lo in range(0, x.shape[1], block):
-        features[:, lo:lo + block] = weights @ x[:, lo:lo + block].astype(np.float64)
+    features = np.zeros((len(template_ids), x.shape[1]), dtype=np.float64)
+    for lo in range(0, len(x), block):
+        features += weights[:, lo:lo + block] @ x[lo:lo + block].astype(np.float64)
     return l2_rows(features), template_ids
 
 
@@ -333,18 +299,24 @@ def pair_scores(features, template_ids, t1, t2) -> np.ndarray:
     ids = np.asarray(template_ids)
     i1 = template_rows(t1, ids, "template_1 of the pairs")
     i2 = template_rows(t2, ids, "template_2 of the pairs")
-    order = np.argsort(i1, kind="stable")
+    order = np.argsort(i1.astype(np.uint16) if len(ids) <= 1 << 16 else i1, kind="stable")  # radix sort
     sorted_first = i1[order]
-    firsts = np.unique(sorted_first)
+    firsts = np.flatnonzero(np.bincount(i1, minlength=len(ids)))
     scores = np.empty(len(i1), dtype=np.float64)
+    position = np.zeros(len(ids), dtype=np.int64)  # row of a template in the current block's matrix
     for k in range(0, len(firsts), _BLOCK):
         rows = firsts[k:k + _BLOCK]
         pairs = order[np.searchsorted(sorted_first, rows[0]):np.searchsorted(sorted_first, rows[-1], "right")]
-        columns, column = np.unique(i2[pairs], return_inverse=True)
+        a, b = i1[pairs], i2[pairs]
+        present = np.zeros(len(ids), dtype=bool)
+        present[b] = True
+        columns = np.flatnonzero(present)
         if len(rows) * len(columns) <= 8 * len(pairs):
-            scores[pairs] = (f[rows] @ f[columns].T)[np.searchsorted(rows, i1[pairs]), column]
+            position[rows] = np.arange(len(rows))
+            column = np.cumsum(present) - 1
+            scores[pairs] = (f[rows] @ f[columns].T)[position[a], column[b]]
         else:
-            scores[pairs] = np.einsum("ij,ij->i", f[i1[pairs]], f[i2[pairs]])
+            scores[pairs] = np.einsum("ij,ij->i", f[a], f[b])
     return scores
 
 

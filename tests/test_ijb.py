@@ -223,7 +223,7 @@ def test_landmarks_are_matched_by_name(tmp_path):
     (b"1 2 0\n1 2 0\n\n2 77 1\n", r"template_pair_label.txt:4: template_2 77 is not a template"),
     (b"1 2 0\n5 2 1\n", r"template_pair_label.txt:2: template_1 5 is not a template"),
     (b"1 2 0\n1 2\n", r"template_pair_label.txt:2: expected 3 integers, got 2"),
-    (b"1 2 0\n1 2 x\n", r"template_pair_label.txt:2: expected 3 non-negative integers, got '1 2 x'"),
+    (b"1 2 0\n1 2 x\n", r"template_pair_label.txt:2: expected 3 integers, got 3 fields: '1 2 x'"),
     (b"1 2 0\n\n1 2 3\n", r"template_pair_label.txt:3: label must be 0 or 1, got 3"),
 ])
 def test_pair_file_errors_name_file_and_line(tmp_path, pairs, message):
@@ -243,15 +243,19 @@ def test_meta_errors_name_file_and_line(tmp_path):
         ijb.read_ijb(tmp_path, "ijbb")
 
 
-def test_read_int_table_across_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(ijb, "_CHUNK_BYTES", 7)  # many pieces, cut inside lines
+def test_read_int_table(tmp_path):
     rows = np.random.default_rng(0).integers(0, 10**12, (200, 3))
     path = tmp_path / "t.txt"
     path.write_text("".join(f"{a} {b}  {c}\n" for a, b, c in rows) + "\n")
     np.testing.assert_array_equal(ijb.read_int_table(path, 3), rows)
-    path.write_text("1 2 3\n" * 50 + "4 5\n")
-    with pytest.raises(ValueError, match=r"t.txt:51: expected 3 integers"):
+    path.write_text("1 2 3\n\n" * 50 + "4 5\n")
+    with pytest.raises(ValueError, match=r"t.txt:101: expected 3 integers, got 2 fields: '4 5'"):
         ijb.read_int_table(path, 3)
+    path.write_text("1 2\n4 5\n")
+    with pytest.raises(ValueError, match=r"t.txt:1: expected 3 integers, got 2 fields"):
+        ijb.read_int_table(path, 3)
+    path.write_text("")
+    assert ijb.read_int_table(path, 3).shape == (0, 3)
 
 
 def test_read_1n(tmp_path):
