@@ -144,6 +144,15 @@ def test_published_rule_on_scores_with_ties():
     np.testing.assert_array_equal(result["roc"][0], fpr)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_roc_equals_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(3000) < 0.2
+    scores = np.round(rng.normal(size=3000) + labels, 1 + seed % 3)  # many ties, collinear runs
+    for ours, theirs in zip(ijb.roc(labels, scores), roc_curve(labels, scores)):
+        np.testing.assert_array_equal(ours, theirs)
+
+
 def test_tar_at_far_needs_both_labels():
     with pytest.raises(ValueError, match="both"):
         ijb.tar_at_far(np.ones(3), np.arange(3.0))
