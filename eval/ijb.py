@@ -23,7 +23,7 @@ FPIRS = (1e-2, 1e-1)
 RANKS = (1, 5, 10)
 TARGETS = {"ijbc": "IJBC", "ijbb": "IJBB"}
 GALLERIES = {"ijbc": ("G1", "G2"), "ijbb": ("S1", "S2")}
-_BLOCK = 512  # template rows scored per matrix product in pair_scores
+_MAX_CELLS = 1 << 27  # largest first x second template score matrix pair_scores computes (1 GiB)
 
 
 @dataclass(frozen=True)
@@ -265,12 +265,12 @@ def image_features(embeddings, flipped, faceness, flip: bool = True, norm_score:
     return features
 
 
-def template_features(image_features, templates, medias, block: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+def template_features(image_features, templates, medias) -> tuple[np.ndarray, np.ndarray]:
     """Template features (T, D) float64, L2-normalised, and their sorted ids (T,).
 
-    A template's feature is the sum over its medias of the mean of that media's images in the template.
-    Computed as one sparse (T, N) weighting times the image features, ``block`` images at a time in
-    float64 (the image features are never copied whole)."""
+    A template's feature is the sum over its medias of the mean of that media's images in the template:
+    one sparse (T, N) weighting times the image features, summed in their precision (float32 features
+    are not copied to float64)."""
     x = np.asarray(image_features)
     templates, medias = np.asarray(templates), np.asarray(medias)
     if x.ndim != 2 or templates.shape != (len(x),) or medias.shape != (len(x),):
@@ -280,42 +280,32 @@ def template_features(image_features, templates, medias, block: int = 16384) -> 
     media_ids, media_row = np.unique(medias, return_inverse=True)
     _, group, counts = np.unique(template_row * len(media_ids) + media_row, return_inverse=True,
                                  return_counts=True)
-    weights = sparse.csc_matrix((1.0 / counts[group], (template_row, np.arange(len(x)))),
+    dtype = x.dtype if np.issubdtype(x.dtype, np.floating) else np.float64
+    weights = sparse.csr_matrix(((1.0 / counts[group]).astype(dtype), (template_row, np.arange(len(x)))),
                                 shape=(len(template_ids), len(x)))
-    features = np.zeros((len(template_ids), x.shape[1]), dtype=np.float64)
-    for lo in range(0, len(x), block):
-        features += weights[:, lo:lo + block] @ x[lo:lo + block].astype(np.float64)
-    return l2_rows(features), template_ids
+    return l2_rows(np.asarray(weights @ x.astype(dtype, copy=False), dtype=np.float64)), template_ids
 
 
-def pair_scores(features, template_ids, t1, t2) -> np.ndarray:
+def pair_scores(features, template_ids, t1, t2, chunk: int = 1 << 16) -> np.ndarray:
     """Cosine score (P,) float64 of each template pair: the dot product of the two template features.
 
     ``features`` (T, D) L2-normalised with sorted ``template_ids`` (T,), as :func:`template_features` gives.
-    Pairs are grouped by their first template; each block of first templates is scored against the second
-    templates it meets with one matrix product when that is denser than gathering rows pair by pair."""
+    When the pairs are dense among the templates they use (IJB: gallery x probe), every score of those
+    first and second templates comes from one matrix product, read at the pairs; else pairs are scored
+    ``chunk`` at a time."""
     f = np.asarray(features, dtype=np.float64)
     ids = np.asarray(template_ids)
     i1 = template_rows(t1, ids, "template_1 of the pairs")
     i2 = template_rows(t2, ids, "template_2 of the pairs")
-    order = np.argsort(i1.astype(np.uint16) if len(ids) <= 1 << 16 else i1, kind="stable")  # radix sort
-    sorted_first = i1[order]
-    firsts = np.flatnonzero(np.bincount(i1, minlength=len(ids)))
+    firsts, seconds = (np.flatnonzero(np.bincount(i, minlength=len(ids))) for i in (i1, i2))
+    cells = len(firsts) * len(seconds)
+    if cells <= 8 * len(i1) and cells <= _MAX_CELLS:
+        position = np.zeros((2, len(ids)), dtype=np.int64)
+        position[0, firsts], position[1, seconds] = np.arange(len(firsts)), np.arange(len(seconds))
+        return (f[firsts] @ f[seconds].T)[position[0, i1], position[1, i2]]
     scores = np.empty(len(i1), dtype=np.float64)
-    position = np.zeros(len(ids), dtype=np.int64)  # row of a template in the current block's matrix
-    for k in range(0, len(firsts), _BLOCK):
-        rows = firsts[k:k + _BLOCK]
-        pairs = order[np.searchsorted(sorted_first, rows[0]):np.searchsorted(sorted_first, rows[-1], "right")]
-        a, b = i1[pairs], i2[pairs]
-        present = np.zeros(len(ids), dtype=bool)
-        present[b] = True
-        columns = np.flatnonzero(present)
-        if len(rows) * len(columns) <= 8 * len(pairs):
-            position[rows] = np.arange(len(rows))
-            column = np.cumsum(present) - 1
-            scores[pairs] = (f[rows] @ f[columns].T)[position[a], column[b]]
-        else:
-            scores[pairs] = np.einsum("ij,ij->i", f[a], f[b])
+    for lo in range(0, len(i1), chunk):
+        scores[lo:lo + chunk] = np.einsum("ij,ij->i", f[i1[lo:lo + chunk]], f[i2[lo:lo + chunk]])
     return scores
 
 

@@ -82,7 +82,7 @@ def test_vectorised_pipeline_matches_loop(switches, seed):
     expected = loop_template_scores(emb, flipped, faceness, templates, medias, t1, t2, *switches)
     feats = ijb.image_features(emb, flipped, faceness, flip=flip, norm_score=norm_score,
                                detector_score=detector_score)
-    template_feats, ids = ijb.template_features(feats, templates, medias, block=3)
+    template_feats, ids = ijb.template_features(feats, templates, medias)
     scores = ijb.pair_scores(template_feats, ids, t1, t2)
     np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-9)
     result = ijb.tar_at_far(labels, scores, fars=(1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.5))
@@ -95,16 +95,18 @@ def test_vectorised_pipeline_matches_loop(switches, seed):
     assert result["auc"] == pytest.approx(roc_auc_score(labels, expected), abs=1e-9)
 
 
-def test_pair_scores_dense_and_sparse_paths_agree():
+def test_pair_scores_dense_and_chunked_paths_agree(monkeypatch):
     rng = np.random.default_rng(3)
     feats = ijb.l2_rows(rng.normal(size=(700, 16)))
     ids = np.arange(700) * 2 + 5
-    dense_t1, dense_t2 = np.repeat(ids[:40], 60), np.tile(ids[100:160], 40)  # every pair of two groups
-    sparse_t1, sparse_t2 = rng.choice(ids, 50), rng.choice(ids, 50)  # few pairs, scattered
-    for t1, t2 in ((dense_t1, dense_t2), (sparse_t1, sparse_t2)):
-        rows1, rows2 = (t1 - 5) // 2, (t2 - 5) // 2
-        expected = np.einsum("ij,ij->i", feats[rows1], feats[rows2])
+    dense = np.repeat(ids[:40], 60), np.tile(ids[160:100:-1], 40)  # every pair of two groups: one product
+    scattered = rng.choice(ids, 50), rng.choice(ids, 50)  # few pairs among many templates: chunk by chunk
+    for t1, t2 in (dense, scattered):
+        expected = np.einsum("ij,ij->i", feats[(t1 - 5) // 2], feats[(t2 - 5) // 2])
         np.testing.assert_allclose(ijb.pair_scores(feats, ids, t1, t2), expected, rtol=0, atol=1e-12)
+    monkeypatch.setattr(ijb, "_MAX_CELLS", 0)  # too large a product: the dense pairs chunk by chunk too
+    expected = np.einsum("ij,ij->i", feats[(dense[0] - 5) // 2], feats[(dense[1] - 5) // 2])
+    np.testing.assert_allclose(ijb.pair_scores(feats, ids, *dense, chunk=7), expected, rtol=0, atol=1e-12)
 
 
 def test_pair_scores_refuses_unknown_template_naming_it():
