@@ -117,3 +117,17 @@ def test_verify_ijbc_meta_errors(tmp_path, capsys, ijb_root, checkpoint):
     code, _, err = run_cli(capsys, "verify", "--dataset", "ijbc", "--data-dir", tmp_path, "--checkpoint",
                            checkpoint)
     assert code == 2 and "ijbc_template_pair_label.txt:2: template_2 4040 is not a template" in err
+
+
+def test_embed_images_separate_flip_views(checkpoint):
+    from facerec.embedding import embed_images
+    from facerec.model_io import load_model
+
+    model, _ = load_model(checkpoint)
+    images = np.random.default_rng(0).integers(0, 256, (5, SIZE, SIZE, 3), dtype=np.uint8)
+    views = embed_images(model, list(images), SIZE, batch_size=2, separate_flip=True)
+    assert views.shape == (5, 2, 16)
+    summed = embed_images(model, images, SIZE, batch_size=3)
+    unflipped = embed_images(model, images, SIZE, flip=False)
+    np.testing.assert_allclose(views.sum(1), summed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(views[:, 0], unflipped, rtol=1e-5, atol=1e-5)
