@@ -63,8 +63,8 @@ def write_json(path, data: dict) -> None:
     path.write_text(json.dumps(_plain(data), indent=2) + "\n")
 
 
-def write_roc_png(path, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
-    """ROC curves ``{label: (fpr, tpr)}`` on a log false-accept axis, saved as PNG (matplotlib Agg)."""
+def write_roc_png(path, curves: dict[str, tuple[np.ndarray, np.ndarray]], far_range=(1e-4, 1.0)) -> None:
+    """ROC curves ``{label: (fpr, tpr)}`` on a log false-accept axis over ``far_range``, saved as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,7 +78,7 @@ def write_roc_png(path, curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Non
         keep = fpr > 0  # log axis
         ax.plot(fpr[keep], np.asarray(tpr)[keep], label=label)
     ax.set_xscale("log")
-    ax.set_xlim(1e-4, 1.0)
+    ax.set_xlim(*far_range)
     ax.set_ylim(0.0, 1.01)
     ax.set_xlabel("false accept rate")
     ax.set_ylabel("true accept rate")

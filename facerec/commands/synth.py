@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 from data import generate_synthetic
+from data.synth_ijb import generate_ijb
 
 HELP = ("Generate a synthetic identity dataset: train.rec/train.idx/property (insightface layout) and a "
-        "10-fold verification synth.bin on identities held out of training.")
+        "10-fold verification synth.bin on identities held out of training; with --ijb a synthetic IJB-C / "
+        "IJB-B set in insightface's IJB_release layout.")
 
 
 def add_arguments(parser) -> None:
@@ -21,9 +23,21 @@ def add_arguments(parser) -> None:
                         help="JPEG quality range drawn per image (default 40 95)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all usable CPUs)")
     parser.add_argument("--force", action="store_true", help="overwrite an existing dataset in --output")
+    parser.add_argument("--ijb", choices=("ijbc", "ijbb"),
+                        help="write a synthetic IJB set instead: <output>/IJBC (IJBB) with loose_crop, meta")
+    parser.add_argument("--subjects", type=int, default=40, help="--ijb: subjects (default 40)")
+    parser.add_argument("--probes-per-subject", type=int, default=3,
+                        help="--ijb: probe templates per subject, besides its gallery template (default 3)")
 
 
 def run(args) -> int:
+    if args.ijb:
+        summary = generate_ijb(args.output, args.ijb, args.subjects, args.probes_per_subject, args.size,
+                               args.seed, workers=args.workers, force=args.force)
+        print(f"wrote {summary['output_dir']}: {summary['subjects']} subjects, {summary['templates']} "
+              f"templates, {summary['medias']} medias, {summary['images']} images, {summary['pairs']} "
+              f"template pairs")
+        return 0
     summary = generate_synthetic(args.output, args.identities, args.images_per_identity, args.size, args.seed,
                                  verify_identities=args.verify_identities, verify_pairs=args.verify_pairs,
                                  quality_range=tuple(args.quality), workers=args.workers, force=args.force)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from eval.report import format_table, write_json, write_pair_scores_csv, write_roc_png
 from eval.verification import roc_points
+from facerec import ijb_verify
 from facerec.model_io import build_model, read_checkpoint, resolve_device
 from facerec.verification import DEFAULT_DATA_DIR, STANDARD_SETS, load_verification_sets, verify
 
@@ -37,9 +38,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--report", metavar="FILE.json", help="write all metrics as JSON")
     parser.add_argument("--roc", metavar="FILE.png", help="plot the ROC curves")
     parser.add_argument("--scores", metavar="FILE.csv", help="write per-pair distances and labels")
+    ijb_verify.add_arguments(parser)
 
 
 def run(args) -> int:
+    if args.dataset in ijb_verify.DATASETS:
+        return ijb_verify.run(args)
     checkpoint, file = read_checkpoint(args.checkpoint or args.run)
     input_size = checkpoint["config"]["model"].get("input_size", 112)
     sets = load_verification_sets(args.dataset, args.data_dir, input_size, args.workers)
