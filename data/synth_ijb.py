@@ -21,17 +21,15 @@ import json
 import math
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from .align import template_for_size
 from .images import encode_image
+from .pack import map_ordered
 from .synth import identity_rng, image_rng, render_face, sample_traits
-from .workers import worker_context
 
 TARGETS = {"ijbc": ("IJBC", ("G1", "G2")), "ijbb": ("IJBB", ("S1", "S2"))}
 MANIFEST = "synth_ijb.json"
@@ -108,14 +106,6 @@ def _render_task(task):
     return render_subject(*task)
 
 
-def _map(tasks, workers: int):
-    if workers <= 1:
-        yield from map(_render_task, tasks)
-        return
-    with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:
-        yield from pool.map(_render_task, tasks)
-
-
 def media_plans(seed: int, subjects: int, probes_per_subject: int) -> list[list[list[int]]]:
     """For each subject, its templates (gallery first, then probes), each a list of media frame counts."""
     rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(4,)))
@@ -156,8 +146,8 @@ def generate_ijb(output_dir, target: str = "ijbc", subjects: int = 40, probes_pe
         tasks = [(seed, s, first_identity + s, plans[s], size) for s in range(subjects)]
         rows = []  # (image_name, template_id, media_id, subject_id, is_gallery, landmarks, faceness)
         media_ids: dict[tuple[int, int, int], int] = {}
-        for s, images in enumerate(tqdm(_map(tasks, workers), total=subjects, desc="synth IJB subjects",
-                                        unit="subject", disable=not progress)):
+        for s, images in enumerate(map_ordered(_render_task, tasks, workers, desc="synth IJB subjects",
+                                                     unit="subject", progress=progress)):
             for template, media, jpeg, landmarks, faceness in images:
                 name = f"{len(rows) + 1}.jpg"
                 (tmp / "loose_crop" / name).write_bytes(jpeg)
