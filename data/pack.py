@@ -17,7 +17,7 @@ from .align import align_face, crop_face, read_landmarks_csv
 from .errors import DataError
 from .images import decode_image, encode_image
 from .recordio import IRHeader, MXIndexedRecordIO, pack
-from .workers import worker_context
+from .workers import exit_with, remove_dead_temporaries, worker_context
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 OUTPUT_NAMES = ("train.rec", "train.idx", "property")
@@ -82,7 +82,7 @@ def map_ordered(func: Callable, items: Sequence, workers: int | None = None, des
         yield from tqdm(map(func, items), **bar)
         return
     chunksize = max(1, min(64, len(items) // (workers * 8)))
-    with worker_context().Pool(workers) as pool:
+    with worker_context().Pool(workers, initializer=exit_with, initargs=(os.getpid(),)) as pool:
         yield from tqdm(pool.imap(func, items, chunksize=chunksize), **bar)
 
 
@@ -147,6 +147,7 @@ def pack_folder(input_dir, output_dir, landmarks=None, size: int = 112, quality:
             labels.append(label)
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(output_dir)  # of a pack killed while writing
     temporary = [output_dir / f".{name}.tmp{os.getpid()}" for name in OUTPUT_NAMES]
     skipped = []
 

@@ -26,7 +26,7 @@ from .bins import write_bin
 from .errors import DataError
 from .images import encode_image
 from .pack import write_identity_records
-from .workers import worker_context
+from .workers import exit_with, remove_dead_temporaries, worker_context
 
 SUPERSAMPLE = 2  # faces are drawn at this multiple of the output size, then shrunk (anti-aliasing)
 MANIFEST = "synth.json"
@@ -484,7 +484,8 @@ def _map(tasks, workers: int):
     if workers <= 1:
         yield from map(_render_task, tasks)
         return
-    with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:
+    with ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=exit_with,
+                             initargs=(os.getpid(),)) as pool:
         yield from pool.map(_render_task, tasks, chunksize=4)
 
 
@@ -580,8 +581,8 @@ def generate_synthetic(
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(out)  # of a generation killed while writing
     tmp = out / f".synth-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         tasks = [

@@ -1,11 +1,68 @@
-"""How the data package starts worker processes."""
+"""How the data package starts worker processes, makes them end with their parent, and cleans up after
+processes that died."""
 import multiprocessing
+import os
+import re
+import select
+import shutil
+import threading
+from pathlib import Path
 
 # Workers start from a fork server (spawn where there is none), never as forks of the calling process:
 # a fork taken after torch or OpenCV started their thread pools can deadlock in the child.
 WORKER_START = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+# ".<name>.tmp<PID>" files (atomic writes) and ".<name>-tmp-<PID>" / ".<name>.partial-<PID>" folders
+TEMPORARY = re.compile(r"^\..+(?:\.tmp|-tmp-|\.partial-)(\d+)$")
 
 
 def worker_context():
     """The multiprocessing context for the data package's worker pools."""
     return multiprocessing.get_context(WORKER_START)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (zombies included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def exit_with(pid: int) -> None:
+    """End this process as soon as process ``pid`` ends, whatever ends it (also SIGKILL).
+
+    A worker started from a fork server is the fork server's child, so the parent-death signal would
+    follow the fork server; and the fork server and the resource tracker live as long as any worker holds
+    their pipes. A daemon thread waits on a pidfd of ``pid`` (polls once a second where there are none)."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        handle = None
+
+    def wait():
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while pid_alive(pid):
+                threading.Event().wait(1.0)
+        os._exit(1)
+
+    threading.Thread(target=wait, name=f"exit-with-{pid}", daemon=True).start()
+
+
+def remove_dead_temporaries(folder) -> list[Path]:
+    """Delete the temporary files and folders in ``folder`` that processes left when they died (their
+    names carry the writer's PID, see ``TEMPORARY``); returns them. Those of living processes stay."""
+    folder = Path(folder)
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else []:
+        match = TEMPORARY.match(path.name)
+        if match and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from data import decode_image, to_tensor
 
 
-def _pixels(images, start: int, stop: int, input_size: int) -> np.ndarray:
+def _pixels(images, start: int, stop: int, input_size: int, describe) -> np.ndarray:
     """uint8 RGB (n, S, S, 3) for images[start:stop] (encoded bytes are decoded and resized)."""
     if isinstance(images, np.ndarray):
         batch = images[start:stop]
@@ -21,12 +21,17 @@ def _pixels(images, start: int, stop: int, input_size: int) -> np.ndarray:
                              f"got {images.dtype}{images.shape}")
         return batch
     indices = range(start, min(stop, len(images)))
-    return np.stack([decode_image(images[i], size=input_size, source=f"image {i}") for i in indices])
+    return np.stack([decode_image(images[i], size=input_size, source=describe(i)) for i in indices])
+
+
+def _image_number(index: int) -> str:
+    return f"image {index}"
 
 
 @torch.inference_mode()
 def embed_images(model, images, input_size: int, batch_size: int = 64, flip: bool = True, device="cpu",
-                 with_norms: bool = False, workers: int | None = None, progress: bool = False):
+                 with_norms: bool = False, workers: int | None = None, progress: bool = False,
+                 describe=_image_number):
     """Embeddings (float32 (N, D), not normalised) of ``images`` with ``model`` (already on ``device``).
 
     ``images``: a sequence of encoded images (bytes, decoded as RGB at ``input_size``) or a uint8 RGB array
@@ -35,6 +40,7 @@ def embed_images(model, images, input_size: int, batch_size: int = 64, flip: boo
     eval mode and its previous train/eval mode is restored. Decoding of the next batches overlaps the
     forward pass in ``workers`` threads. With ``with_norms`` returns ``(embeddings, norms)`` where
     ``norms`` (N,) is the mean L2 norm of the image's un-summed views (insightface's per-image "XNorm").
+    ``describe(i)`` names image ``i`` (its file, record key, ...) in the error of an undecodable image.
     """
     count = len(images)
     workers = workers or min(4, os.cpu_count() or 1)
@@ -51,7 +57,7 @@ def embed_images(model, images, input_size: int, batch_size: int = 64, flip: boo
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for start in range(0, count, batch_size):
-                pending.append(pool.submit(_pixels, images, start, start + batch_size, input_size))
+                pending.append(pool.submit(_pixels, images, start, start + batch_size, input_size, describe))
                 if len(pending) > workers:  # keep `workers` batches decoding ahead of the forward pass
                     forward_oldest()
             while pending:

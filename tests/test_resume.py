@@ -116,7 +116,7 @@ def test_checkpoint_files_are_plain_data_and_rotate(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     for step in (1, 2, 3, 4):
         ckpt.save_checkpoint({"step": step, "rng": state}, tmp_path / f"step_{step}.pt")
-    ckpt.prune_checkpoints(tmp_path, keep=2)
+    ckpt.prune_checkpoints(tmp_path, keep=2, current=tmp_path / "step_4.pt")
     assert [p.name for p in ckpt.step_checkpoints(tmp_path)] == ["step_3.pt", "step_4.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3.pt", "step_4.pt"]  # no temporary files
     loaded = torch.load(tmp_path / "step_4.pt", weights_only=True)  # no pickled code needed

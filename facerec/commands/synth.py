@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from data import generate_synthetic
+from facerec.outputs import check_output, writing
 
 HELP = ("Generate a synthetic identity dataset: train.rec/train.idx/property (insightface layout) and a "
         "10-fold verification synth.bin on identities held out of training.")
@@ -24,9 +25,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    summary = generate_synthetic(args.output, args.identities, args.images_per_identity, args.size, args.seed,
-                                 verify_identities=args.verify_identities, verify_pairs=args.verify_pairs,
-                                 quality_range=tuple(args.quality), workers=args.workers, force=args.force)
+    check_output(args.output, "--output", folder=True)
+    with writing(args.output, "--output"):
+        summary = generate_synthetic(args.output, args.identities, args.images_per_identity, args.size,
+                                     args.seed, verify_identities=args.verify_identities,
+                                     verify_pairs=args.verify_pairs, quality_range=tuple(args.quality),
+                                     workers=args.workers, force=args.force)
     print(f"wrote {summary['output_dir']}: {summary['num_classes']} identities, {summary['train_images']} "
           f"training images, {summary['verify_pairs']} verification pairs on {summary['verify_identities']} "
           f"held-out identities ({summary['seconds']:.1f} s)")

@@ -12,9 +12,18 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import shlex
+    import signal
+
     from facerec.config import load_config
     from facerec.train import train
 
     config = load_config(args.config, args.overrides)
-    train(config)
-    return 0
+    summary = train(config)
+    if not summary["stopped"]:
+        return 0
+    again = shlex.join(["python", "run.py", "train", "--config", args.config, *args.overrides,
+                        f"train.output_dir={summary['run_dir']}"])
+    print(f"stopped at step {summary['steps']} by {summary['stopped']}: saved {summary['checkpoint']}; "
+          f"resume with: {again}", flush=True)
+    return 128 + getattr(signal, summary["stopped"], signal.SIGTERM)
