@@ -1,6 +1,4 @@
 """Issue 14, defects 1-4 and the checkpoint fallback: a run folder never loses a run, whatever happens."""
-import contextlib
-import io
 import os
 import signal
 import socket
@@ -10,47 +8,29 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from benchmarks.chaos_train import alive, descendants
-from data import generate_synthetic, pack_folder
+from data import pack_folder
 from facerec import checkpoint as ckpt
-from facerec.config import load_config
-from facerec.train import train
+from tests.test_resume import run as run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def config_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("safety")
-    generate_synthetic(root / "data", identities=8, images_per_identity=8, size=32, seed=1,
-                       verify_identities=20, verify_pairs=20, workers=1, progress=False)
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"name": "iresnet18", "norm": "sn", "embedding_size": 16, "input_size": 32, "width": 8},
-        "head": {"type": "cosface", "scale": 16.0, "margin": 0.2},
-        "data": {"train": "data", "num_workers": 0, "flip": False},
-        "train": {"batch_size": 16, "epochs": 100, "max_steps": 4, "checkpoint_every": 1,
-                  "keep_checkpoints": 2, "log_every": 1, "progress": False, "device": "cpu"},
-    }))
-    return path
+SHORT = ("train.max_steps=4", "train.checkpoint_every=1", "train.epochs=100")  # on conftest's config_path
 
 
 def run(config_path: Path, *overrides: str) -> tuple[dict, str]:
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        summary = train(load_config(config_path, overrides))
-    return summary, out.getvalue()
+    return run_in_process(config_path, *SHORT, *overrides)
 
 
-def start(config_path: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
+def start(config_path: Path, run_dir: Path, *overrides: str, launcher=(sys.executable,)) -> subprocess.Popen:
     """``run.py train`` in a subprocess (a long run unless overridden); output to ``run_dir``.log."""
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     log = open(f"{run_dir}.log", "w")  # noqa: SIM115 (the child holds it)
-    command = [sys.executable, "run.py", "train", "--config", str(config_path), f"train.output_dir={run_dir}",
-               "train.max_steps=100000", "train.checkpoint_every=1000", *overrides]
+    command = [*launcher, "run.py", "train", "--config", str(config_path), f"train.output_dir={run_dir}",
+               "train.max_steps=100000", "train.epochs=100000", "train.checkpoint_every=1000", *overrides]
     return subprocess.Popen(command, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log,
                             stderr=subprocess.STDOUT)
 
@@ -188,7 +168,7 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(config_path,
     (line,) = [x for x in text.splitlines() if x.startswith("stopped at step")]
     step = int(line.split()[3].rstrip(":;,"))
     assert step >= 3 and (run_dir / "checkpoints" / f"step_{step}.pt").exists()
-    assert "python run.py train --config" in line and str(run_dir) in line
+    assert f"python run.py train --config {config_path}" in line and f"train.output_dir={run_dir}" in line
     deadline = time.time() + 30
     while any(alive(pid) for pid in children) and time.time() < deadline:
         time.sleep(0.1)
@@ -210,3 +190,25 @@ def test_children_exit_when_the_trainer_is_sigkilled(config_path, tmp_path):
     for pid in left:  # do not leak them into the rest of the suite
         os.kill(pid, signal.SIGKILL)
     assert not left
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(config_path, tmp_path):
+    """Under torchrun, SIGTERM to rank 1 alone: both ranks stop at the same step and the checkpoint of that
+    step is written (a rank that stopped alone would leave the other waiting in a collective)."""
+    run_dir = tmp_path / "run"
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
+    proc = start(config_path, run_dir, launcher=torchrun)
+    try:
+        wait_for(lambda: logged_steps(run_dir) >= 2, proc, run_dir)
+        (rank1,) = [pid for pid in descendants(proc.pid)
+                    if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+        os.kill(rank1, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        proc.kill()
+    text = Path(f"{run_dir}.log").read_text()
+    (line,) = [x for x in text.splitlines() if x.startswith("stopped at step")]
+    step = int(line.split()[3])
+    assert (run_dir / "checkpoints" / f"step_{step}.pt").exists(), text[-3000:]
+    assert logged_steps(run_dir) == step and "the same torchrun command" in line
+    assert f'File "{ROOT}' not in text and "KeyboardInterrupt" not in text  # torchrun reports the exit codes
