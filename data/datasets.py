@@ -161,8 +161,9 @@ class FaceFolderDataset(_FaceDataset):
         for folder in tqdm(folders, desc="checking images", unit="id", file=sys.stderr, mininterval=1.0,
                            leave=False):
             images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-            self.skipped += [p for p in images if not readable_image(p)]
-            images = [p for p in images if p not in self.skipped]
+            bad = [p for p in images if not readable_image(p)]
+            images = sorted(set(images) - set(bad))
+            self.skipped += bad
             if not images:
                 print(f"{folder}: no images, identity skipped", file=sys.stderr)
                 continue
@@ -197,8 +198,8 @@ def readable_image(path: Path) -> bool:
         size = f.seek(0, os.SEEK_END)
         f.seek(max(0, size - 1024))
         tail = f.read()
-    if head.startswith(b"\xff\xd8"):
-        return b"\xff\xd9" in tail  # 0xFFD9 never occurs inside JPEG entropy-coded data
+    if head.startswith(b"\xff\xd8"):  # 0xFFD9 (end of image) never occurs in entropy-coded data
+        return b"\xff\xd9" in tail or b"\xff\xd9" in path.read_bytes()  # (data may follow the image)
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return b"IEND" in tail[-16:]
     if head.startswith(b"BM") and size >= 6:

@@ -147,7 +147,7 @@ def pack_folder(input_dir, output_dir, landmarks=None, size: int = 112, quality:
             labels.append(label)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(output_dir)  # of a pack killed while writing
+    remove_dead_temporaries(output_dir, tuple(f".{name}.tmp" for name in OUTPUT_NAMES))  # a killed pack's
     temporary = [output_dir / f".{name}.tmp{os.getpid()}" for name in OUTPUT_NAMES]
     skipped = []
 

@@ -581,7 +581,7 @@ def generate_synthetic(
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    remove_dead_temporaries(out)  # of a generation killed while writing
+    remove_dead_temporaries(out, ".synth-tmp-")  # of a generation killed while writing
     tmp = out / f".synth-tmp-{os.getpid()}"
     tmp.mkdir()
     try:

@@ -55,14 +55,15 @@ def exit_with(pid: int) -> None:
     threading.Thread(target=wait, name=f"exit-with-{pid}", daemon=True).start()
 
 
-def remove_dead_temporaries(folder) -> list[Path]:
-    """Delete the temporary files and folders in ``folder`` that processes left when they died (their
-    names carry the writer's PID, see ``TEMPORARY``); returns them. Those of living processes stay."""
+def remove_dead_temporaries(folder, prefixes: str | tuple[str, ...] = "") -> list[Path]:
+    """Delete the temporary files and folders in ``folder`` (those whose names start with one of
+    ``prefixes``) that processes left when they died: their names carry the writer's PID (``TEMPORARY``).
+    Returns them; those of living processes stay."""
     folder = Path(folder)
     removed = []
     for path in folder.iterdir() if folder.is_dir() else []:
         match = TEMPORARY.match(path.name)
-        if match and not pid_alive(int(match.group(1))):
+        if match and path.name.startswith(prefixes) and not pid_alive(int(match.group(1))):
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -129,20 +129,23 @@ def _generate_synthetic_set(path: Path, synth: dict) -> None:
     from data.synth import MANIFEST, OUTPUT_FILES
     from data.workers import TEMPORARY, remove_dead_temporaries
 
-    remove_dead_temporaries(path.parent)
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    remove_dead_temporaries(path.parent, prefixes=f".{path.name}.partial-")
     if path.is_dir() and not (path / MANIFEST).exists():
         names = {p.name for p in path.iterdir()}
         if all(name in OUTPUT_FILES or TEMPORARY.match(name) for name in names):
             print(f"data.train: {path} holds an incomplete synthetic set (an interrupted generation); "
                   "generating it again", flush=True)
-            shutil.rmtree(path) if not names & set(OUTPUT_FILES) else \
-                os.replace(path, path.with_name(f"{path.name}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}"))
+            if names & set(OUTPUT_FILES):  # files of an older version's generation: kept aside
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+                os.replace(path, path.with_name(f"{path.name}.incomplete-{stamp}"))
+            else:
+                shutil.rmtree(path)
     if path.exists():
         return
     from data import generate_synthetic
 
     print(f"generating synthetic training data in {path} ...", flush=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
     generate_synthetic(partial, **synth)
     os.replace(partial, path)
 
@@ -301,7 +304,7 @@ class Trainer:
                 self._say(f"train.resume={self.tcfg['resume']}: starting over; the previous run in "
                           f"{self.run_dir} was moved to {moved}")
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        for path in remove_dead_temporaries(self.ckpt_dir):
+        for path in remove_dead_temporaries(self.ckpt_dir, (".step_", ".best.pt.")):
             self._say(f"removed {path}, left by a process that died while writing it")
         save_config(self.config, self.run_dir / "config.yaml")
 
