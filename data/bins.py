@@ -104,6 +104,8 @@ def load_bin(path) -> tuple[list[bytes], np.ndarray]:
             raise DataError(f"{path}: not a verification pickle ({type(exc).__name__}: {exc})") from None
     if not isinstance(obj, (tuple, list)) or len(obj) != 2 or not isinstance(obj[0], (list, tuple)):
         raise DataError(f"{path}: expected a pickled (bins, issame_list) pair, got {type(obj).__name__}")
+    if not obj[0] and not len(obj[1]):
+        raise DataError(f"{path}: holds no pairs (an empty image list and issame_list)")
     images = [_as_image_bytes(item, i, path) for i, item in enumerate(obj[0])]
     issame = _as_issame(obj[1], path)
     if len(images) != 2 * len(issame):

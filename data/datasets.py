@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
 from .errors import DataError
 from .images import decode_image, normalised_view
@@ -146,22 +147,38 @@ class FaceRecordDataset(_FaceDataset):
 class FaceFolderDataset(_FaceDataset):
     """Images in ``<root>/<identity>/<image>``; identities sorted by name get labels 0..n-1.
 
-    Image extensions: jpg, jpeg, png, bmp (any case). Identity folders without images are skipped."""
+    Image extensions: jpg, jpeg, png, bmp (any case). Identity folders without images are skipped.
+    Every file is checked up front (:func:`readable_image`: a JPEG/PNG/BMP that is complete); unreadable
+    ones raise DataError listing them, or with ``skip_bad`` are left out (``skipped`` lists them)."""
 
-    def __init__(self, root, input_size=None, train=True):
+    def __init__(self, root, input_size=None, train=True, skip_bad=False):
         super().__init__(input_size, train)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")
-        self.files, labels, self.identities = [], [], []
-        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        self.files, labels, self.identities, self.skipped = [], [], [], []
+        folders = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        for folder in tqdm(folders, desc="checking images", unit="id", file=sys.stderr, mininterval=1.0,
+                           leave=False):
             images = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            bad = [p for p in images if not readable_image(p)]
+            images = sorted(set(images) - set(bad))
+            self.skipped += bad
             if not images:
                 print(f"{folder}: no images, identity skipped", file=sys.stderr)
                 continue
             labels += [len(self.identities)] * len(images)
             self.identities.append(folder.name)
             self.files += images
+        if self.skipped:
+            listed = ", ".join(str(p.relative_to(self.root)) for p in self.skipped[:5])
+            more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
+            if not skip_bad:
+                raise DataError(f"{self.root}: {len(self.skipped)} unreadable images (empty, truncated or "
+                                f"not JPEG/PNG/BMP): {listed}{more}; set data.bad_images=skip to train "
+                                "without them")
+            print(f"{self.root}: skipped {len(self.skipped)} unreadable images: {listed}{more}",
+                  file=sys.stderr)
         if not self.files:
             raise DataError(f"{self.root}: no images found; expected <root>/<identity>/<image> with "
                             f"extensions {', '.join(IMAGE_EXTENSIONS)}")
@@ -171,6 +188,23 @@ class FaceFolderDataset(_FaceDataset):
     def _encoded(self, index):
         path = self.files[index]
         return path.read_bytes(), lambda: str(path)
+
+
+def readable_image(path: Path) -> bool:
+    """Whether ``path`` holds a complete JPEG, PNG or BMP, from its first and last bytes (no decoding):
+    a JPEG's end-of-image marker, a PNG's IEND chunk, a BMP's declared size."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if head.startswith(b"\xff\xd8"):  # 0xFFD9 (end of image) never occurs in entropy-coded data
+        return b"\xff\xd9" in tail or b"\xff\xd9" in path.read_bytes()  # (data may follow the image)
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return b"IEND" in tail[-16:]
+    if head.startswith(b"BM") and size >= 6:
+        return struct.unpack_from("<I", head, 2)[0] <= size
+    return False
 
 
 def _record_paths(path):

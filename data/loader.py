@@ -1,7 +1,10 @@
 """The training DataLoader: seeded shuffling, distributed sharding, per-worker file handles and seeds."""
 from __future__ import annotations
 
+import os
 import random
+import signal
+from functools import partial
 
 import cv2
 import numpy as np
@@ -9,12 +12,17 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from .workers import worker_context
+from .workers import exit_with, worker_context
 
 
-def seed_worker(worker_id):
+def seed_worker(worker_id, parent: int | None = None):
     """Seed numpy's and Python's global generators from the worker's torch seed (set by the DataLoader);
-    one OpenCV thread per worker (the workers are the parallelism)."""
+    one OpenCV thread per worker (the workers are the parallelism). The worker ends with process ``parent``
+    (the loader's, even when it is killed) and leaves Ctrl-C to it: the parent stops at a step boundary
+    and still needs its workers."""
+    if parent is not None:
+        exit_with(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
@@ -49,7 +57,7 @@ def build_loader(dataset, batch_size, num_workers=2, shuffle=True, drop_last=Tru
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=4 if workers else None,
         persistent_workers=workers,
-        worker_init_fn=seed_worker if workers else None,
+        worker_init_fn=partial(seed_worker, parent=os.getpid()) if workers else None,
         multiprocessing_context=worker_context() if workers else None,
         generator=generator,
     )

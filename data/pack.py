@@ -18,7 +18,7 @@ from .align import align_face, crop_face, read_landmarks_csv
 from .errors import DataError
 from .images import decode_image, encode_image
 from .recordio import IRHeader, MXIndexedRecordIO, pack
-from .workers import worker_context
+from .workers import exit_with, remove_dead_temporaries, worker_context
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 OUTPUT_NAMES = ("train.rec", "train.idx", "property")
@@ -86,7 +86,8 @@ def map_ordered(func: Callable, items: Sequence, workers: int | None = None, des
         yield from tqdm(map(func, items), **bar)
         return
     chunksize = max(1, min(64, len(items) // (workers * 8)))
-    with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:
+    with ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=exit_with,
+                             initargs=(os.getpid(),)) as pool:
         yield from tqdm(pool.map(func, items, chunksize=chunksize), **bar)
 
 
@@ -151,6 +152,7 @@ def pack_folder(input_dir, output_dir, landmarks=None, size: int = 112, quality:
             labels.append(label)
 
     output_dir.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(output_dir, tuple(f".{name}.tmp" for name in OUTPUT_NAMES))  # a killed pack's
     temporary = [output_dir / f".{name}.tmp{os.getpid()}" for name in OUTPUT_NAMES]
     skipped = []
 

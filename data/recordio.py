@@ -424,6 +424,7 @@ def scan_image_headers(records: MXRecordIO, offsets, keys=None):
     data = np.frombuffer(records._buf, np.uint8) if records._size else np.zeros(0, np.uint8)
     span = np.arange(fixed)
     chunk = 1 << 17
+    slow = []
     for lo in range(0, len(offsets), chunk):
         off = offsets[lo:lo + chunk]
         fast = np.flatnonzero((off >= 0) & (off + fixed <= records._size))
@@ -433,18 +434,21 @@ def scan_image_headers(records: MXRecordIO, offsets, keys=None):
         fast, words, length, flag = fast[ok], words[ok], length[ok], flag[ok]
         labels[lo + fast] = np.where(flag == 0, words[:, 3].view("<f4"), words[:, 8].view("<f4"))
         sizes[lo + fast] = length - _IR_SIZE - 4 * flag
-        slow = np.ones(len(off), bool)
-        slow[fast] = False
-        for i in lo + np.flatnonzero(slow):
-            key = keys[i]
-            try:
-                header, image = unpack(records.read_at(int(offsets[i]), key=key))
-            except DataError as error:
-                if str(error).startswith(records.uri):
-                    raise
-                raise DataError(f"{records.uri}: record key {key} at offset {offsets[i]}: {error}") from None
-            label = np.asarray(header.label, np.float64).reshape(-1)
-            labels[i] = label[0] if label.size else np.nan
-            sizes[i] = len(image)
+        rest = np.ones(len(off), bool)
+        rest[fast] = False
+        slow += (lo + np.flatnonzero(rest)).tolist()
+    # the view of the mmap goes before any record is read one by one: an error raised while it lived
+    # would keep it in the traceback, and the reader's close() would then fail with BufferError
     del data
+    for i in slow:
+        key = keys[i]
+        try:
+            header, image = unpack(records.read_at(int(offsets[i]), key=key))
+        except DataError as error:
+            if str(error).startswith(records.uri):
+                raise
+            raise DataError(f"{records.uri}: record key {key} at offset {offsets[i]}: {error}") from None
+        label = np.asarray(header.label, np.float64).reshape(-1)
+        labels[i] = label[0] if label.size else np.nan
+        sizes[i] = len(image)
     return labels, sizes

@@ -24,6 +24,7 @@ from .bins import write_bin
 from .errors import DataError
 from .images import encode_image
 from .pack import map_ordered, write_identity_records
+from .workers import remove_dead_temporaries
 
 SUPERSAMPLE = 2  # faces are drawn at this multiple of the output size, then shrunk (anti-aliasing)
 MANIFEST = "synth.json"
@@ -569,8 +570,8 @@ def generate_synthetic(
 
     start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
+    remove_dead_temporaries(out, ".synth-tmp-")  # of a generation killed while writing
     tmp = out / f".synth-tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         tasks = [

@@ -1,5 +1,15 @@
-"""How the data package starts worker processes."""
+"""How the data package starts worker processes, makes them end with their parent, and cleans up after
+processes that died."""
 import multiprocessing
+import os
+import re
+import select
+import shutil
+import threading
+from pathlib import Path
+
+# ".<name>.tmp<PID>" files (atomic writes) and ".<name>-tmp-<PID>" / ".<name>.partial-<PID>" folders
+TEMPORARY = re.compile(r"^\..+(?:\.tmp|-tmp-|\.partial-)(\d+)$")
 
 
 def worker_context():
@@ -8,3 +18,52 @@ def worker_context():
     pools can deadlock in the child."""
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     return multiprocessing.get_context(method)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (zombies included)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def exit_with(pid: int) -> None:
+    """End this process as soon as process ``pid`` ends, whatever ends it (also SIGKILL).
+
+    A worker started from a fork server is the fork server's child, so the parent-death signal would
+    follow the fork server; and the fork server and the resource tracker live as long as any worker holds
+    their pipes. A daemon thread waits on a pidfd of ``pid`` (polls once a second where there are none)."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        handle = None
+
+    def wait():
+        if handle is not None:
+            select.select([handle], [], [])
+        else:
+            while pid_alive(pid):
+                threading.Event().wait(1.0)
+        os._exit(1)
+
+    threading.Thread(target=wait, name=f"exit-with-{pid}", daemon=True).start()
+
+
+def remove_dead_temporaries(folder, prefixes: str | tuple[str, ...] = "") -> list[Path]:
+    """Delete the temporary files and folders in ``folder`` (those whose names start with one of
+    ``prefixes``) that processes left when they died: their names carry the writer's PID (``TEMPORARY``).
+    Returns them; those of living processes stay."""
+    folder = Path(folder)
+    removed = []
+    for path in folder.iterdir() if folder.is_dir() else []:
+        match = TEMPORARY.match(path.name)
+        if match and path.name.startswith(prefixes) and not pid_alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed

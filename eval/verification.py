@@ -85,6 +85,10 @@ def evaluate_distances(
     same = np.asarray(issame, dtype=bool)
     if dist.ndim != 1 or dist.shape != same.shape:
         raise ValueError(f"need one distance per pair label: {dist.shape} distances, {same.shape} labels")
+    if same.all() or not same.any():
+        kind = "same-identity" if same.any() else "different-identity"
+        raise ValueError(f"only {kind} pairs ({same.size}): the verification protocol needs both same and "
+                         "different pairs (accuracy, ROC and AUC are meaningless otherwise)")
     slices = fold_slices(dist.size, folds)
 
     # correct[f, t]: pairs of fold f classified correctly at threshold t (same & d < t, or diff & d >= t)
@@ -111,8 +115,7 @@ def evaluate_distances(
             fars.append(np.count_nonzero(accepted & ~s) / (~s).sum() if (~s).any() else np.nan)
         tar_folds[target], far_folds[target] = np.array(tars), np.array(fars)
 
-    both_kinds = bool(same.any() and (~same).any())  # ROC needs same and different pairs
-    fpr, tpr = roc_points(dist, same) if both_kinds else (None, None)
+    fpr, tpr = roc_points(dist, same)
     return {
         "pairs": int(dist.size),
         "folds": folds,
@@ -124,8 +127,8 @@ def evaluate_distances(
         "tar_at_far": {t: _nanmean(v) for t, v in tar_folds.items()},
         "tar_at_far_std": {t: _nanstd(v) for t, v in tar_folds.items()},
         "far_at_far": {t: _nanmean(v) for t, v in far_folds.items()},
-        "auc": float(_area_under_curve(fpr, tpr)) if both_kinds else float("nan"),
-        "eer": equal_error_rate(fpr, tpr) if both_kinds else float("nan"),
+        "auc": float(_area_under_curve(fpr, tpr)),
+        "eer": equal_error_rate(fpr, tpr),
     }
 
 

@@ -24,6 +24,10 @@ STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 REQUIRED = ("backbone", "head", "step", "epoch", "config")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not hold (or fit) what it is loaded for."""
+
+
 def rng_state() -> dict:
     """This process's torch / CUDA / numpy / python RNG states as tensors and plain types."""
     np_state = np.random.get_state()
@@ -130,17 +134,24 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Load a checkpoint safely (``weights_only=True``); errors name the file and what is wrong."""
+    """Load a checkpoint safely (``weights_only=True``: a pickle that needs code is refused).
+
+    FileNotFoundError when absent; :class:`CheckpointError` naming the file and what is wrong otherwise."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for truncated / foreign files
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
+        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(state).__name__}")
     return state
+
+
+def step_of(path: str | os.PathLike) -> int:
+    """N of a ``step_<N>.pt`` file name."""
+    return int(STEP_FILE.match(Path(path).name).group(1))
 
 
 def step_checkpoints(directory: str | os.PathLike) -> list[Path]:
@@ -148,13 +159,15 @@ def step_checkpoints(directory: str | os.PathLike) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_FILE.match(p.name))]
+    found = [(step_of(p), p) for p in directory.iterdir() if STEP_FILE.match(p.name)]
     return [p for _, p in sorted(found)]
 
 
-def prune_checkpoints(directory: str | os.PathLike, keep: int) -> None:
-    """Delete all but the newest ``keep`` step checkpoints (``best.pt`` is never touched)."""
-    for old in step_checkpoints(directory)[:-keep] if keep > 0 else []:
+def prune_checkpoints(directory: str | os.PathLike, keep: int, current: str | os.PathLike) -> None:
+    """Delete all but the newest ``keep`` step checkpoints up to ``current`` (the one just written): files
+    of later steps, which this run did not write, and ``best.pt`` are never touched."""
+    written = [p for p in step_checkpoints(directory) if step_of(p) <= step_of(current)]
+    for old in written[:-keep] if keep > 0 else []:
         old.unlink(missing_ok=True)
 
 
@@ -163,5 +176,5 @@ def backbone_state(path: str | os.PathLike) -> dict:
     state = load_checkpoint(path)
     backbone = state.get("backbone", state)
     if not all(torch.is_tensor(v) for v in backbone.values()):
-        raise ValueError(f"{path}: no 'backbone' state dict found (keys: {', '.join(list(state)[:8])})")
+        raise CheckpointError(f"{path}: no 'backbone' state dict found (keys: {', '.join(list(state)[:8])})")
     return backbone

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.command} stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ paths given as command-line overrides resolve relative to the current directory.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "verify": Opt([], "paths"),  # .bin verification sets
         "num_workers": Opt(2, "int"),
         "flip": Opt(True, "bool"),  # random horizontal flip of training images
+        "bad_images": Opt("error", "str", ("error", "skip")),  # image folders: unreadable files stop the run
         "synth": Opt(None, SYNTH, nullable=True),
     },
     "optim": {
@@ -218,6 +220,8 @@ def _check(name: str, value: Any, opt: Opt) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
     elif kind == "bool":
         if not isinstance(value, bool):
             raise bad
@@ -234,6 +238,8 @@ def _check(name: str, value: Any, opt: Opt) -> Any:
                                               for v in value):
             raise bad
         value = [float(v) for v in value] if kind == "floats" else list(value)
+        if kind == "floats" and not all(map(math.isfinite, value)):
+            raise ConfigError(f"{name} must be finite numbers, got {value}")
     elif kind == "dict" and not isinstance(value, dict):
         raise bad
     choices = opt.choices() if callable(opt.choices) else opt.choices

@@ -26,14 +26,26 @@ class DistInfo:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> this process's GPU when CUDA is available, else CPU; ``cuda`` -> GPU ``local_rank``."""
+    """The device ``name`` means: ``auto`` -> this process's GPU when CUDA is available, else CPU;
+    ``cuda`` -> GPU ``local_rank``; ``cpu`` and ``cuda:N`` as named. ValueError for unknown names and for
+    GPUs that are not there."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device is cuda but no CUDA device is available (use auto or cpu)")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA device is available (use auto or cpu)")
+    count = torch.cuda.device_count()
+    index = local_rank % count if device.index is None else device.index
+    if index >= count:
+        raise ValueError(f"device {name!r}: there are only {count} CUDA devices (cuda:0..cuda:{count - 1})")
+    return torch.device("cuda", index)
 
 
 def init_distributed(device: str = "auto") -> DistInfo:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 from data import decode_image, to_tensor
 
 
-def _pixels(images, start: int, stop: int, input_size: int) -> np.ndarray:
+def _pixels(images, start: int, stop: int, input_size: int, describe) -> np.ndarray:
     """uint8 RGB (n, S, S, 3) for images[start:stop] (encoded bytes are decoded and resized)."""
     if isinstance(images, np.ndarray):
         batch = images[start:stop]
@@ -22,13 +22,17 @@ def _pixels(images, start: int, stop: int, input_size: int) -> np.ndarray:
         return batch
     items = ((i, images[i]) for i in range(start, min(stop, len(images))))
     return np.stack([item if isinstance(item, np.ndarray) else
-                     decode_image(item, size=input_size, source=f"image {i}") for i, item in items])
+                     decode_image(item, size=input_size, source=describe(i)) for i, item in items])
+
+
+def _image_number(index: int) -> str:
+    return f"image {index}"
 
 
 @torch.inference_mode()
 def embed_images(model, images, input_size: int, batch_size: int = 64, flip: bool = True, device="cpu",
                  with_norms: bool = False, workers: int | None = None, progress: bool = False,
-                 separate_flip: bool = False):
+                 separate_flip: bool = False, describe=_image_number):
     """Embeddings (float32 (N, D), not normalised) of ``images`` with ``model`` (already on ``device``).
 
     ``images``: a sequence of encoded images (bytes, decoded as RGB at ``input_size``) or of uint8 RGB
@@ -38,6 +42,7 @@ def embed_images(model, images, input_size: int, batch_size: int = 64, flip: boo
     eval mode and its previous train/eval mode is restored. Decoding of the next batches overlaps the
     forward pass in ``workers`` threads. With ``with_norms`` returns ``(embeddings, norms)`` where
     ``norms`` (N,) is the mean L2 norm of the image's un-summed views (insightface's per-image "XNorm").
+    ``describe(i)`` names image ``i`` (its file, record key, ...) in the error of an undecodable image.
     """
     count = len(images)
     workers = workers or min(4, os.cpu_count() or 1)
@@ -54,7 +59,7 @@ def embed_images(model, images, input_size: int, batch_size: int = 64, flip: boo
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for start in range(0, count, batch_size):
-                pending.append(pool.submit(_pixels, images, start, start + batch_size, input_size))
+                pending.append(pool.submit(_pixels, images, start, start + batch_size, input_size, describe))
                 if len(pending) > workers:  # keep `workers` batches decoding ahead of the forward pass
                     forward_oldest()
             while pending:

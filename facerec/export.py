@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from data import load_bin
+from data import DataError, decode_image, load_bin
 from data.recordio import MXIndexedRecordIO, unpack
 from eval.verification import l2_normalize
 
@@ -31,9 +33,10 @@ PREPROCESSING = {
 @dataclass
 class ImageSet:
     """Encoded images to embed, what identifies them (``labels`` and/or ``paths``) and further arrays to
-    save with the embeddings (``issame`` for a ``.bin``)."""
+    save with the embeddings (``issame`` for a ``.bin``); ``describe(i)`` names image ``i`` in errors."""
 
     images: Sequence[bytes]
+    describe: Callable[[int], str]
     labels: np.ndarray | None = None
     paths: list[str] | None = None
     extra: dict = field(default_factory=dict)
@@ -50,6 +53,19 @@ class _FileBytes:
 
     def __getitem__(self, i):
         return self.paths[i].read_bytes()
+
+
+class _Picked:
+    """The items ``indices`` of a sequence, as a sequence."""
+
+    def __init__(self, items: Sequence, indices: list[int]):
+        self.items, self.indices = items, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.items[self.indices[i]]
 
 
 class _RecordImages:
@@ -82,7 +98,7 @@ def _folder(root: Path) -> ImageSet:
         identities = sorted({p.parent.name for p in files})
         index = {name: i for i, name in enumerate(identities)}
         labels = np.array([index[p.parent.name] for p in files], dtype=np.int64)
-    return ImageSet(_FileBytes(files), labels, paths)
+    return ImageSet(_FileBytes(files), lambda i: str(files[i]), labels, paths)
 
 
 def _list_file(path: Path) -> ImageSet:
@@ -105,7 +121,7 @@ def _list_file(path: Path) -> ImageSet:
         if not file.is_file():
             raise FileNotFoundError(f"{path}: line {lineno}: image not found: {file}")
     labels = np.array([label for _, label, _ in entries], dtype=np.int64) if all(has_label) else None
-    return ImageSet(_FileBytes(files), labels, [p for p, _, _ in entries])
+    return ImageSet(_FileBytes(files), lambda i: str(files[i]), labels, [p for p, _, _ in entries])
 
 
 def read_image_set(path) -> ImageSet:
@@ -120,41 +136,65 @@ def read_image_set(path) -> ImageSet:
         return _folder(path)
     if path.suffix == ".rec":
         records = _RecordImages(path)
-        return ImageSet(records, records.labels)
+        return ImageSet(records, lambda i: f"{path}: record key {records.keys[i]}", records.labels)
     if path.suffix == ".bin":
         images, issame = load_bin(path)
-        return ImageSet(images, extra={"issame": issame})
+        return ImageSet(images, lambda i: f"{path}: image {i} (pair {i // 2})", extra={"issame": issame})
     return _list_file(path)
 
 
 def export_embeddings(model, input_path, output_path, input_size: int, batch_size: int = 64,
-                      flip: bool = True, device="cpu", progress: bool = True) -> dict:
+                      flip: bool = True, device="cpu", progress: bool = True, skip_bad: bool = False) -> dict:
     """Embed every image of ``input_path`` and save them to ``output_path``.
 
     ``.npz``: ``embeddings`` (float32, L2-normalised), ``norms`` (L2 norm of each embedding before
     normalisation, so ``embeddings * norms[:, None]`` is the raw, flip-summed output), then ``labels``
     and/or ``paths`` when the input has them (``issame`` for a ``.bin``). ``.npy``: the embeddings only.
-    Returns the saved arrays.
+    An undecodable image is an error naming it, or with ``skip_bad`` it is left out (its labels and paths
+    too). Returns the saved arrays and ``skipped`` (the messages of the images left out).
     """
     output_path = Path(output_path)
     if output_path.suffix not in (".npz", ".npy"):
         raise ValueError(f"output must end in .npz or .npy, got {output_path}")
     image_set = read_image_set(input_path)
-    raw = embed_images(model, image_set.images, input_size, batch_size=batch_size, flip=flip, device=device,
-                       progress=progress)
+    keep, skipped = list(range(len(image_set.images))), []
+    if skip_bad:
+        keep, skipped = _decodable(image_set)
+        if skipped and image_set.extra:
+            raise DataError(f"{skipped[0]}: --skip-bad cannot leave images out of verification pairs")
+    try:
+        raw = embed_images(model, _Picked(image_set.images, keep), input_size, batch_size=batch_size,
+                           flip=flip, device=device, progress=progress,
+                           describe=lambda i: image_set.describe(keep[i]))
+    except DataError as exc:
+        raise DataError(f"{exc} (use --skip-bad to leave undecodable images out)") from None
     arrays = {"embeddings": l2_normalize(raw).astype(np.float32),
               "norms": np.linalg.norm(raw.astype(np.float64), axis=1).astype(np.float32)}
     if image_set.labels is not None:
-        arrays["labels"] = image_set.labels
+        arrays["labels"] = image_set.labels[keep]
     if image_set.paths is not None:
-        arrays["paths"] = np.array(image_set.paths)
+        arrays["paths"] = np.array([image_set.paths[i] for i in keep])
     arrays.update(image_set.extra)
     output_path.parent.mkdir(parents=True, exist_ok=True)
     if output_path.suffix == ".npy":
         np.save(output_path, arrays["embeddings"])
     else:
         np.savez(output_path, **arrays)
-    return arrays
+    return {**arrays, "skipped": skipped}
+
+
+def _decodable(image_set: ImageSet) -> tuple[list[int], list[str]]:
+    """Indices of the images that decode, and the error messages of those that do not."""
+    def error(i):
+        try:
+            decode_image(image_set.images[i], source=image_set.describe(i))
+        except DataError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as pool:
+        errors = list(pool.map(error, range(len(image_set.images))))
+    return [i for i, e in enumerate(errors) if e is None], [e for e in errors if e is not None]
 
 
 def export_onnx(model, path, input_size: int, model_config: dict | None = None, opset: int = 17) -> float:

@@ -17,8 +17,9 @@ from data import align_face
 from eval import ijb
 from eval.report import write_json, write_roc_png
 
+from .distributed import resolve_device
 from .embedding import embed_images
-from .model_io import build_model, read_checkpoint, resolve_device
+from .model_io import build_model, load_model_checkpoint
 
 DATASETS = tuple(ijb.TARGETS)
 
@@ -140,8 +141,8 @@ def identification(root, target: str, features: np.ndarray, ids: np.ndarray) -> 
 
 def run(args) -> int:
     """Evaluate the checkpoint on ``args.dataset`` (ijbc / ijbb) under ``args.data_dir``."""
-    checkpoint, checkpoint_file = read_checkpoint(args.checkpoint or args.run)
-    checkpoint_file = Path(checkpoint_file)
+    checkpoint = load_model_checkpoint(args.checkpoint or args.run)
+    checkpoint_file = Path(checkpoint["path"])
     meta = ijb.read_ijb(args.data_dir, args.dataset)
     report, roc_png, cache = output_paths(args, checkpoint_file)
     raw = embeddings(args, checkpoint, checkpoint_file, meta, cache)

@@ -8,11 +8,9 @@ import torch
 from backbones import build_backbone
 from facerec.config import upgrade_model_section
 
+from .checkpoint import CheckpointError, load_checkpoint
+
 SHOWN_KEYS = 8  # how many differing keys an error message lists per kind
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not fit the model its config describes."""
 
 
 def find_checkpoint(path) -> Path:
@@ -62,26 +60,19 @@ def load_backbone_state(model: torch.nn.Module, state: dict, source: str = "chec
     model.load_state_dict(state)
 
 
-def read_checkpoint(path) -> tuple[dict, Path]:
-    """The checkpoint dict (on CPU, weights only) and the file it came from; checks the keys we need."""
+def load_model_checkpoint(path) -> dict:
+    """The checkpoint (file or run directory, see :func:`find_checkpoint`) of a model: its dict, with
+    ``path`` (the file read) added, checked to hold the backbone and the config it was built from."""
     file = find_checkpoint(path)
-    try:
-        checkpoint = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # not a torch file, truncated, or holds arbitrary Python objects
-        raise CheckpointError(f"{file}: cannot read as a checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(checkpoint, dict) or "backbone" not in checkpoint:
+    checkpoint = load_checkpoint(file)
+    if "backbone" not in checkpoint:
         raise CheckpointError(f"{file}: not a training checkpoint (expected a dict with a 'backbone' entry)")
     config = checkpoint.get("config")
     model = config.get("model") if isinstance(config, dict) else None
     if not isinstance(model, dict) or "name" not in model:
         raise CheckpointError(f"{file}: checkpoint has no config['model'] section describing the backbone")
     checkpoint["path"] = str(file)
-    return checkpoint, file
-
-
-def resolve_device(name: str) -> str:
-    """``"auto"`` -> ``"cuda"`` when available, else ``"cpu"``; any other name is returned as is."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    return checkpoint
 
 
 def build_model(checkpoint: dict, source="checkpoint", device="cpu") -> torch.nn.Module:
@@ -92,7 +83,7 @@ def build_model(checkpoint: dict, source="checkpoint", device="cpu") -> torch.nn
         raise CheckpointError(f"{source}: cannot build the backbone from config['model'] "
                               f"{checkpoint['config']['model']}: {exc}") from None
     load_backbone_state(model, checkpoint["backbone"], source=str(source))
-    return model.to(resolve_device(device)).eval()
+    return model.to(device).eval()
 
 
 def load_model(path, device="cpu") -> tuple[torch.nn.Module, dict]:
@@ -101,5 +92,5 @@ def load_model(path, device="cpu") -> tuple[torch.nn.Module, dict]:
     Returns ``(model, checkpoint)``, the checkpoint dict with ``path`` (the file read) added;
     ``checkpoint["config"]["model"]["input_size"]`` is the image size.
     """
-    checkpoint, file = read_checkpoint(path)
-    return build_model(checkpoint, file, device), checkpoint
+    checkpoint = load_model_checkpoint(path)
+    return build_model(checkpoint, checkpoint["path"], device), checkpoint

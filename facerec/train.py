@@ -17,19 +17,26 @@ LOCAL_RANK), NCCL on GPUs and gloo on CPUs. Design points:
   (another number of processes), the position in the epoch is converted by samples seen.
 - A non-finite loss stops the run before the optimizer step, so the last checkpoint stays good; a
   checkpoint is never written from non-finite weights.
+- Nothing is lost: rank 0 holds a lock on the run folder for the run's life; starting over in a used
+  folder moves the old run aside (``previous-<time>/``); ``config.yaml`` is written after every check;
+  SIGINT/SIGTERM stop every rank at the same step with a checkpoint; temporary files of dead processes
+  are removed at the start; an unreadable newest checkpoint falls back to the newest readable one.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from facerec import checkpoint as ckpt
 from facerec.config import save_config, upgrade_model_section
@@ -45,6 +52,9 @@ from facerec.distributed import (
 from facerec.metrics_log import MetricsLog
 from facerec.model_io import load_backbone_state, model_kwargs
 from facerec.optim import build_optimizer, build_schedule, param_groups
+from facerec.run_folder import RunLock, move_previous_run
+from facerec.stop import StopRequest
+from facerec.verify_sets import VerificationSet, verify
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,12 +66,24 @@ class TrainingDiverged(ValueError):
 def train(config: dict) -> dict:
     """Run (or resume) the training described by ``config`` (see :mod:`facerec.config`).
 
-    Returns a summary dict (``steps, seconds, run_dir, final, best``) on every rank.
+    Returns a summary dict (``steps, seconds, run_dir, final, best``, and ``stopped``: the signal's name
+    when SIGINT/SIGTERM stopped the run early, else None) on every rank.
     """
     info = init_distributed(config["train"]["device"])
+    lock = RunLock(config["train"]["output_dir"])
     try:
-        return Trainer(config, info).fit()
+        refusal = None
+        if info.is_main:
+            try:
+                lock.acquire()
+            except ValueError as exc:
+                refusal = str(exc)
+        refusal = broadcast_object(refusal)  # every rank stops, none waits for rank 0
+        if refusal:
+            raise ValueError(refusal)
+        return Trainer(build_run(config, info)).fit()
     finally:
+        lock.release()
         cleanup()
 
 
@@ -81,12 +103,11 @@ def prepare_train_data(data_cfg: dict, info: DistInfo) -> Path:
         raise ValueError("data.train is not set: give a dataset directory (train.rec/idx) or an image folder")
     path = Path(data_cfg["train"])
     if data_cfg["synth"] is not None:
-        from data import generate_synthetic, synthetic_set_differences
+        from data import synthetic_set_differences
 
         # rank 0 alone decides and generates; every rank waits, whatever it saw of a half-written set
-        if info.is_main and not path.exists():
-            print(f"generating synthetic training data in {path} ...", flush=True)
-            generate_synthetic(path, **data_cfg["synth"])
+        if info.is_main:
+            _generate_synthetic_set(path, data_cfg["synth"])
         barrier()
         differences = synthetic_set_differences(path, **data_cfg["synth"])
         if differences:
@@ -101,13 +122,42 @@ def prepare_train_data(data_cfg: dict, info: DistInfo) -> Path:
     return path
 
 
-def build_dataset(path: Path, input_size: int, flip: bool):
-    """RecordIO set (``.rec`` file or directory with ``train.rec``), else an ``<identity>/<image>`` folder."""
+def _generate_synthetic_set(path: Path, synth: dict) -> None:
+    """Generate the ``data.synth`` set at ``path`` unless it is there: into a temporary folder renamed into
+    place when complete, so an interrupted generation leaves no partial set behind. A partial set left by
+    an older version (synthetic-set files but no manifest, which is written last) is moved aside first."""
+    from data.synth import MANIFEST, OUTPUT_FILES
+    from data.workers import TEMPORARY, remove_dead_temporaries
+
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    remove_dead_temporaries(path.parent, prefixes=f".{path.name}.partial-")
+    if path.is_dir() and not (path / MANIFEST).exists():
+        names = {p.name for p in path.iterdir()}
+        if all(name in OUTPUT_FILES or TEMPORARY.match(name) for name in names):
+            print(f"data.train: {path} holds an incomplete synthetic set (an interrupted generation); "
+                  "generating it again", flush=True)
+            if names & set(OUTPUT_FILES):  # files of an older version's generation: kept aside
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+                os.replace(path, path.with_name(f"{path.name}.incomplete-{stamp}"))
+            else:
+                shutil.rmtree(path)
+    if path.exists():
+        return
+    from data import generate_synthetic
+
+    print(f"generating synthetic training data in {path} ...", flush=True)
+    generate_synthetic(partial, **synth)
+    os.replace(partial, path)
+
+
+def build_dataset(path: Path, input_size: int, flip: bool, skip_bad: bool = False):
+    """RecordIO set (``.rec`` file or directory with ``train.rec``), else an ``<identity>/<image>`` folder
+    (``skip_bad``: leave its unreadable images out instead of stopping)."""
     from data import FaceFolderDataset, FaceRecordDataset
 
     if path.suffix == ".rec" or (path / "train.rec").exists():
         return FaceRecordDataset(path, input_size=input_size, train=flip)
-    return FaceFolderDataset(path, input_size=input_size, train=flip)
+    return FaceFolderDataset(path, input_size=input_size, train=flip, skip_bad=skip_bad)
 
 
 class EpochSampler(DistributedSampler):
@@ -136,91 +186,141 @@ def build_train_loader(dataset, batch_size: int, num_workers: int, info: DistInf
                         sampler=EpochSampler(dataset, info.world_size, info.rank, seed))
 
 
+@dataclass
+class RunParts:
+    """What a training run is made of (see :func:`build_run`); :class:`Trainer` runs it."""
+
+    config: dict
+    info: DistInfo
+    dataset: Dataset
+    loader: DataLoader
+    verify_sets: list[VerificationSet]  # rank 0's data.verify sets; empty on other ranks
+    backbone: nn.Module
+    model: nn.Module  # the backbone, wrapped in DDP when distributed
+    head: nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    steps_per_epoch: int
+    global_batch: int
+    total_steps: int
+
+
+def build_run(config: dict, info: DistInfo) -> RunParts:
+    """Data, model, head, optimizer and schedule of ``config`` on this process (writes nothing to the run
+    folder; generates the ``data.synth`` set when it is missing)."""
+    from backbones import build_backbone
+    from data import load_bin
+    from losses import build_head
+
+    tcfg, mcfg, data_cfg = config["train"], config["model"], config["data"]
+    device = info.device
+    _seed_everything(tcfg["seed"])  # same on every rank: identical initial weights
+    train_path = prepare_train_data(data_cfg, info)
+    dataset = build_dataset(train_path, mcfg["input_size"], data_cfg["flip"],
+                            skip_bad=data_cfg["bad_images"] == "skip")
+    for path in data_cfg["verify"]:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data.verify: no such file: {path}")
+    verify_sets = [VerificationSet(Path(p).stem, *load_bin(p), str(p))
+                   for p in (data_cfg["verify"] if info.is_main else [])]
+
+    backbone = build_backbone(**model_kwargs(config))
+    if tcfg["init_backbone"]:
+        load_backbone_state(backbone, ckpt.backbone_state(tcfg["init_backbone"]),
+                            f"train.init_backbone {tcfg['init_backbone']}")
+    if info.world_size > 1 and (mcfg["norm"] in ("syncsn", "syncbn") or tcfg["batch_size"] == 1):
+        sync_batchnorm1d(backbone)
+    channels_last = tcfg["channels_last"] and device.type == "cuda"
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes
+    backbone.to(device, memory_format=torch.channels_last if channels_last else None)
+    head = build_head(dict(config["head"]), embedding_size=mcfg["embedding_size"],
+                      num_classes=dataset.num_classes).to(device)
+    model = backbone
+    if info.world_size > 1:
+        model = DistributedDataParallel(
+            backbone, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        model.register_comm_hook(None, _allreduce_sum_hook)
+
+    optimizer = build_optimizer(param_groups(backbone, head, config["optim"]), config["optim"])
+    head.attach_optimizer(optimizer)  # Partial FC sampling: step only the sampled rows
+    loader = build_train_loader(dataset, tcfg["batch_size"], data_cfg["num_workers"], info, tcfg["seed"])
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"data.train has {len(dataset)} images, fewer than one global batch "
+                         f"({tcfg['batch_size']} x {info.world_size} processes)")
+    total = tcfg["epochs"] * steps_per_epoch
+    total_steps = min(total, tcfg["max_steps"]) if tcfg["max_steps"] is not None else total
+    return RunParts(
+        config, info, dataset, loader, verify_sets, backbone, model, head, optimizer,
+        schedule=build_schedule(optimizer, config["schedule"], total_steps, steps_per_epoch),
+        scaler=torch.amp.GradScaler(device.type, enabled=tcfg["precision"] == "fp16"),
+        amp_dtype=AMP_DTYPES.get(tcfg["precision"]), channels_last=channels_last,
+        steps_per_epoch=steps_per_epoch, global_batch=tcfg["batch_size"] * info.world_size,
+        total_steps=total_steps,
+    )
+
+
 class Trainer:
-    """State and steps of one training run; :meth:`fit` does the work."""
+    """Progress, checkpoints, verification and the loop of one training run over its :class:`RunParts`.
 
-    def __init__(self, config: dict, info: DistInfo):
-        from backbones import build_backbone
-        from data import load_bin
-        from losses import build_head
+    Creating it resumes (``train.resume``), prepares the run folder (rank 0: a previous run moved aside
+    when starting over, temporary files of dead processes removed, ``config.yaml``) and opens the log, so
+    :meth:`verify` works before :meth:`fit`."""
 
-        self.config, self.info = config, info
-        tcfg, mcfg = config["train"], config["model"]
-        self.tcfg = tcfg
-        self.device = info.device
-        self.run_dir = Path(tcfg["output_dir"])
+    def __init__(self, parts: RunParts):
+        self.parts = parts
+        self.config, self.info = parts.config, parts.info
+        self.tcfg = self.config["train"]
+        self.device = self.info.device
+        self.run_dir = Path(self.tcfg["output_dir"])
         self.ckpt_dir = self.run_dir / "checkpoints"
-        if info.is_main:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, self.run_dir / "config.yaml")
-
-        _seed_everything(tcfg["seed"])  # same on every rank: identical initial weights
-        train_path = prepare_train_data(config["data"], info)
-        self.dataset = build_dataset(train_path, mcfg["input_size"], config["data"]["flip"])
-        for path in config["data"]["verify"]:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"data.verify: no such file: {path}")
-        verify = config["data"]["verify"] if info.is_main else []
-        self.verify_sets = {Path(p).stem: load_bin(p) for p in verify}
-
-        self.backbone = build_backbone(**model_kwargs(config))
-        if tcfg["init_backbone"]:
-            load_backbone_state(self.backbone, ckpt.backbone_state(tcfg["init_backbone"]),
-                                f"train.init_backbone {tcfg['init_backbone']}")
-        if info.world_size > 1 and (mcfg["norm"] in ("syncsn", "syncbn") or tcfg["batch_size"] == 1):
-            sync_batchnorm1d(self.backbone)
-        self.channels_last = tcfg["channels_last"] and self.device.type == "cuda"
-        torch.backends.cudnn.benchmark = self.device.type == "cuda"  # fixed input shapes
-        self.backbone.to(self.device, memory_format=torch.channels_last if self.channels_last else None)
-        self.head = build_head(dict(config["head"]), embedding_size=mcfg["embedding_size"],
-                               num_classes=self.dataset.num_classes).to(self.device)
-        self.model = self.backbone
-        if info.world_size > 1:
-            self.model = DistributedDataParallel(
-                self.backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
-            self.model.register_comm_hook(None, _allreduce_sum_hook)
-
-        self.optimizer = build_optimizer(param_groups(self.backbone, self.head, config["optim"]),
-                                         config["optim"])
-        self.head.attach_optimizer(self.optimizer)  # Partial FC sampling: step only the sampled rows
-        self.loader = build_train_loader(self.dataset, tcfg["batch_size"], config["data"]["num_workers"],
-                                         info, tcfg["seed"])
-        self.steps_per_epoch = len(self.loader)
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"data.train has {len(self.dataset)} images, fewer than one global batch "
-                             f"({tcfg['batch_size']} x {info.world_size} processes)")
-        self.global_batch = tcfg["batch_size"] * info.world_size
-        total = tcfg["epochs"] * self.steps_per_epoch
-        self.total_steps = min(total, tcfg["max_steps"]) if tcfg["max_steps"] is not None else total
-        self.schedule = build_schedule(self.optimizer, config["schedule"], self.total_steps,
-                                       self.steps_per_epoch)
-        self.amp_dtype = AMP_DTYPES.get(tcfg["precision"])
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tcfg["precision"] == "fp16")
         self.step = self.epoch = self.batch = 0
         self.best: dict = {}
         self.last_verification: dict = {}
         self.baselines: dict = {}
         self.last_checkpoint: Path | None = None  # the same on every rank (only rank 0 writes it)
-        self._resume()
-        _seed_everything(tcfg["seed"] + 1000 * info.rank + self.step)  # data order comes from the sampler
+        self.log: MetricsLog | None = None
+        start_over = self._resume()
+        _seed_everything(self.tcfg["seed"] + 1000 * self.info.rank + self.step)  # data order: the sampler
+        if self.info.is_main:
+            self._prepare_run_folder(start_over)
+        barrier()
+        self.log = MetricsLog(self.run_dir, enabled=self.info.is_main, resume_step=self.step,
+                              total_steps=parts.total_steps, progress=self.tcfg["progress"])
 
-    # ---------------------------------------------------------------- checkpoints
-    def _resume(self) -> None:
+    # ---------------------------------------------------------------- run folder and checkpoints
+    def _prepare_run_folder(self, start_over: bool) -> None:
+        """Rank 0, once every check has passed: the previous run moved aside when this one starts over,
+        dead processes' temporary files removed, ``config.yaml`` written."""
+        from data.workers import remove_dead_temporaries
+
+        if start_over:
+            moved = move_previous_run(self.run_dir)
+            if moved is not None:
+                self._say(f"train.resume={self.tcfg['resume']}: starting over; the previous run in "
+                          f"{self.run_dir} was moved to {moved}")
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for path in remove_dead_temporaries(self.ckpt_dir, (".step_", ".best.pt.")):
+            self._say(f"removed {path}, left by a process that died while writing it")
+        save_config(self.config, self.run_dir / "config.yaml")
+
+    def _resume(self) -> bool:
+        """Load the ``train.resume`` checkpoint; returns whether the run folder's previous run is to be
+        moved aside (``none``, or a given checkpoint older than checkpoints in the folder)."""
         choice = self.tcfg["resume"]
         found = ckpt.step_checkpoints(self.ckpt_dir)
         if choice == "none":
-            if found:
-                self._say(f"warning: train.resume=none: starting afresh although {self.ckpt_dir} holds "
-                          f"checkpoints up to {found[-1].name}; they will be replaced as this run saves")
-            return
+            return True
         if choice == "auto":
             if not found:
-                return
-            path = found[-1]
+                return False
+            path, state = self._newest_readable(found)
         else:
             path = Path(choice)
-        state = ckpt.load_checkpoint(path)
+            state = ckpt.load_checkpoint(path)
         missing = [k for k in ckpt.REQUIRED if k not in state]
         if missing:
             raise ValueError(f"{path}: not a training checkpoint (missing {', '.join(missing)})")
@@ -228,30 +328,46 @@ class Trainer:
         if not isinstance(saved_model, dict) or upgrade_model_section(saved_model) != self.config["model"]:
             raise ValueError(f"{path}: checkpoint model {state['config'].get('model')} differs from "
                              f"{self.config['model']}; use train.init_backbone to start from its weights")
-        self.backbone.load_state_dict(state["backbone"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        ckpt.load_head_optimizer_state(self.optimizer, self.head, state["head_optimizer"])
-        self.head.load_state_dict(state["head"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._load_state(state)
+        self.last_checkpoint = path
+        self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch})")
+        return choice != "auto" and any(ckpt.step_of(p) > self.step for p in found)
+
+    def _newest_readable(self, found: list[Path]) -> tuple[Path, dict]:
+        """The newest of ``found`` that loads, saying which ones did not."""
+        for path in reversed(found):
+            try:
+                return path, ckpt.load_checkpoint(path)
+            except ckpt.CheckpointError as exc:
+                self._say(f"warning: {path} is not readable ({str(exc).split(': ', 1)[-1][:120]}); "
+                          "trying the checkpoint before it")
+        raise ckpt.CheckpointError(f"{self.ckpt_dir}: none of the step checkpoints is readable; "
+                                   "set train.resume=none to start over (they are moved aside)")
+
+    def _load_state(self, state: dict) -> None:
+        parts = self.parts
+        parts.backbone.load_state_dict(state["backbone"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        ckpt.load_head_optimizer_state(parts.optimizer, parts.head, state["head_optimizer"])
+        parts.head.load_state_dict(state["head"])
+        parts.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch = state["step"], state["epoch"], state["batch"]
-        if state["global_batch"] != self.global_batch:
-            self.batch = self.batch * state["global_batch"] // self.global_batch
-            self._say(f"warning: global batch changed from {state['global_batch']} to {self.global_batch} "
+        if state["global_batch"] != parts.global_batch:
+            self.batch = self.batch * state["global_batch"] // parts.global_batch
+            self._say(f"warning: global batch changed from {state['global_batch']} to {parts.global_batch} "
                       f"({state['world_size']} -> {self.info.world_size} processes); continuing at batch "
                       f"{self.batch} of epoch {self.epoch}; the learning rate is not rescaled")
-        self.schedule.load_state_dict(state["schedule"])
-        factor = self.schedule.lr_lambdas[0](self.step)  # this step's lr, also if the total steps changed
-        for group, base in zip(self.optimizer.param_groups, self.schedule.base_lrs):
+        parts.schedule.load_state_dict(state["schedule"])
+        factor = parts.schedule.lr_lambdas[0](self.step)  # this step's lr, also if the total steps changed
+        for group, base in zip(parts.optimizer.param_groups, parts.schedule.base_lrs):
             group["lr"] = base * factor
         self.best = state.get("best", {})
         if state["world_size"] == self.info.world_size:
             ckpt.set_rng_state(state["rng"][self.info.rank])
-        self.last_checkpoint = path
-        self._say(f"resumed from {path} at step {self.step} (epoch {self.epoch}, batch {self.batch})")
 
     def _check_finite_weights(self) -> None:
-        bad = any(not torch.isfinite(p).all() for p in list(self.backbone.parameters())
-                  + list(self.head.parameters()))
+        bad = any(not torch.isfinite(p).all() for p in list(self.parts.backbone.parameters())
+                  + list(self.parts.head.parameters()))
         flag = torch.tensor([float(bad)], device=self.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag)
@@ -260,48 +376,45 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         """Write ``step_<N>.pt`` (rank 0; every rank takes part in gathering the head)."""
+        parts = self.parts
         self._check_finite_weights()
         state = {
-            "backbone": self.backbone.state_dict(),
-            "head": self.head.state_dict(),
-            "optimizer": ckpt.split_optimizer_state(self.optimizer, self.head),
-            "head_optimizer": ckpt.head_optimizer_state(self.optimizer, self.head),
-            "schedule": self.schedule.state_dict(),
-            "scaler": self.scaler.state_dict(),
+            "backbone": parts.backbone.state_dict(),
+            "head": parts.head.state_dict(),
+            "optimizer": ckpt.split_optimizer_state(parts.optimizer, parts.head),
+            "head_optimizer": ckpt.head_optimizer_state(parts.optimizer, parts.head),
+            "schedule": parts.schedule.state_dict(),
+            "scaler": parts.scaler.state_dict(),
             "rng": all_gather_objects(ckpt.rng_state()),
             "step": self.step, "epoch": self.epoch, "batch": self.batch,
-            "global_batch": self.global_batch, "world_size": self.info.world_size,
+            "global_batch": parts.global_batch, "world_size": self.info.world_size,
             "config": self.config, "best": self.best,
         }
+        path = self.ckpt_dir / f"step_{self.step}.pt"
         if self.info.is_main:
-            ckpt.save_checkpoint(state, self.ckpt_dir / f"step_{self.step}.pt")
-            ckpt.prune_checkpoints(self.ckpt_dir, self.tcfg["keep_checkpoints"])
-        self.last_checkpoint = self.ckpt_dir / f"step_{self.step}.pt"
+            ckpt.save_checkpoint(state, path)
+            ckpt.prune_checkpoints(self.ckpt_dir, self.tcfg["keep_checkpoints"], current=path)
+        self.last_checkpoint = path
         barrier()
 
     # ---------------------------------------------------------------- verification
     def _accuracies(self, model, flip: bool = True) -> dict:
         """Verification results of ``model`` (any images -> embeddings module) on each ``data.verify`` set."""
-        from eval.verification import evaluate
-        from facerec.embedding import embed_images
-
         results = {}
-        for name, (images, issame) in self.verify_sets.items():
-            emb = embed_images(model, images, self.config["model"]["input_size"],
-                               batch_size=self.tcfg["verify_batch_size"], flip=flip, device=self.device)
-            r = evaluate(emb, issame)
-            results[name] = {"accuracy": float(r["accuracy"]), "accuracy_std": float(r["accuracy_std"]),
-                             "threshold": float(r["threshold"])}
+        for vset in self.parts.verify_sets:
+            metrics, _ = verify(model, vset, self.config["model"]["input_size"],
+                                batch_size=self.tcfg["verify_batch_size"], flip=flip, device=self.device)
+            results[vset.name] = {k: float(metrics[k]) for k in ("accuracy", "accuracy_std", "threshold")}
         return results
 
     def report_baselines(self) -> None:
         """Accuracy of the untrained model and of raw pixels (cosine of the normalised pixel vectors) on
         each verification set, before training: what the trained accuracy is to be read against."""
-        if self.info.is_main and self.verify_sets:
-            untrained = self._accuracies(self.backbone)
+        if self.info.is_main and self.parts.verify_sets:
+            untrained = self._accuracies(self.parts.backbone)
             pixels = self._accuracies(torch.nn.Flatten(), flip=False)
             self.baselines = {name: {"untrained": untrained[name]["accuracy"],
-                                     "raw_pixels": pixels[name]["accuracy"]} for name in self.verify_sets}
+                                     "raw_pixels": pixels[name]["accuracy"]} for name in untrained}
             text = ", ".join(f"{k} untrained model {v['untrained']:.4f}, raw pixels {v['raw_pixels']:.4f}"
                              for k, v in self.baselines.items())
             self._say(f"baselines before training: {text}")
@@ -311,8 +424,8 @@ class Trainer:
     def verify(self) -> dict:
         """Accuracy on each ``data.verify`` set (rank 0; others wait); updates ``best`` and ``best.pt``."""
         results = {}
-        if self.info.is_main and self.verify_sets:
-            results = self._accuracies(self.backbone)
+        if self.info.is_main and self.parts.verify_sets:
+            results = self._accuracies(self.parts.backbone)
             mean_acc = sum(r["accuracy"] for r in results.values()) / len(results)
             improved = mean_acc > self.best.get("accuracy", -1.0)
             if improved:
@@ -332,17 +445,16 @@ class Trainer:
         return results
 
     def _save_best(self) -> None:
-        head = self.head.state_dict()  # collective
+        head = self.parts.head.state_dict()  # collective
         if self.info.is_main:
-            ckpt.save_checkpoint({"backbone": self.backbone.state_dict(), "head": head, "config": self.config,
-                                  "step": self.step, "epoch": self.epoch, "best": self.best},
-                                 self.ckpt_dir / "best.pt")
+            ckpt.save_checkpoint({"backbone": self.parts.backbone.state_dict(), "head": head,
+                                  "config": self.config, "step": self.step, "epoch": self.epoch,
+                                  "best": self.best}, self.ckpt_dir / "best.pt")
 
     # ---------------------------------------------------------------- loop
     def _say(self, text: str) -> None:
         if self.info.is_main:
-            log = getattr(self, "log", None)
-            log.message(text) if log is not None else print(text, flush=True)
+            self.log.message(text) if self.log is not None else print(text, flush=True)
 
     def _describe(self, name: str, accuracy: float) -> str:
         """``name accuracy``, followed by the set's baselines when they were measured."""
@@ -361,88 +473,95 @@ class Trainer:
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         """Forward, backward and optimizer step on one batch; returns the (global mean) loss."""
+        parts = self.parts
         images = images.to(self.device, non_blocking=True)
-        if self.channels_last:
+        if parts.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(self.device, non_blocking=True)
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype
+        autocast = (torch.autocast(self.device.type, dtype=parts.amp_dtype) if parts.amp_dtype
                     else contextlib.nullcontext())
         with autocast:
-            embeddings = self.model(images)
-        loss = self.head(embeddings.float(), labels)
+            embeddings = parts.model(images)
+        loss = parts.head(embeddings.float(), labels)
         value = loss.item()
         if not math.isfinite(value):
             raise TrainingDiverged(self._diverged_message("the loss is not finite", value))
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        parts.optimizer.zero_grad(set_to_none=True)
+        parts.scaler.scale(loss).backward()
         if self.tcfg["grad_clip"]:
-            self.scaler.unscale_(self.optimizer)
-            nn.utils.clip_grad_norm_(self.backbone.parameters(), self.tcfg["grad_clip"])
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+            parts.scaler.unscale_(parts.optimizer)
+            nn.utils.clip_grad_norm_(parts.backbone.parameters(), self.tcfg["grad_clip"])
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
         with warnings.catch_warnings():
             # fp16: the scaler skips the optimizer step of a batch with inf/nan gradients (as it should),
             # and the schedule still advances one iteration; torch would warn about the call order.
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
-            self.schedule.step()
+            parts.schedule.step()
         return value
 
     def fit(self) -> dict:
-        tcfg = self.tcfg
+        """Train to ``total_steps`` (or until SIGINT/SIGTERM), checkpointing and verifying on the way."""
+        tcfg, parts = self.tcfg, self.parts
         self._say(f"training {self.config['model']['name']} ({self.config['model']['norm']}) on "
-                  f"{len(self.dataset)} images / {self.dataset.num_classes} classes: {self.total_steps} "
-                  f"steps of {self.global_batch} images ({self.info.world_size} x {tcfg['batch_size']}) on "
+                  f"{len(parts.dataset)} images / {parts.dataset.num_classes} classes: {parts.total_steps} "
+                  f"steps of {parts.global_batch} images ({self.info.world_size} x {tcfg['batch_size']}) on "
                   f"{self.device}; run dir {self.run_dir}")
-        self.log = MetricsLog(self.run_dir, enabled=self.info.is_main, resume_step=self.step,
-                              total_steps=self.total_steps, progress=tcfg["progress"])
         if tcfg["baselines"] and self.step == 0 and self.config["data"]["verify"]:
             self.report_baselines()
         start, start_step = time.time(), self.step
-        window_loss, window_n, window_t = 0.0, 0, time.time()
         try:
-            while self.step < self.total_steps:
-                self.loader.sampler.set_epoch(self.epoch)
-                self.loader.sampler.skip = self.batch * tcfg["batch_size"]
-                for images, labels in self.loader:
-                    loss = self.train_step(images, labels)
-                    self.step += 1
-                    self.batch += 1
-                    window_loss, window_n = window_loss + loss, window_n + 1
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    self.log.progress(self.step, loss=loss, lr=lr, epoch=self.epoch)
-                    if self.step % tcfg["log_every"] == 0 or self.step == self.total_steps:
-                        now = time.time()
-                        ips = window_n * self.global_batch / max(now - window_t, 1e-9)
-                        self.log.log(self.step, epoch=self.epoch, loss=window_loss / window_n, lr=lr,
-                                     images_per_sec=ips)
-                        self.log.progress(self.step, loss=window_loss / window_n, lr=lr,
-                                          img_s=round(ips, 1), epoch=self.epoch)
-                        window_loss, window_n, window_t = 0.0, 0, now
-                    if self.batch == self.steps_per_epoch:
-                        self.epoch, self.batch = self.epoch + 1, 0
-                    if self.batch == 0 or self.step % tcfg["checkpoint_every"] == 0:
-                        self.save_checkpoint()
-                    if self.config["data"]["verify"] and tcfg["verify_every"] \
-                            and self.step % tcfg["verify_every"] == 0 and self.step < self.total_steps:
-                        self.verify()
-                    if self.step >= self.total_steps:
-                        break
+            with StopRequest(self.device) as stop:
+                self._loop(stop)
             if self.last_checkpoint != self.ckpt_dir / f"step_{self.step}.pt":
                 self.save_checkpoint()
-            if self.config["data"]["verify"]:
+            if self.config["data"]["verify"] and not stop.received:
                 self.verify()
         finally:
             self.log.close()
         seconds = time.time() - start
         summary = {"steps": self.step, "trained_steps": self.step - start_step, "seconds": seconds,
                    "run_dir": str(self.run_dir), "final": self.last_verification, "best": self.best,
-                   "baselines": self.baselines}
-        if self.info.is_main:
+                   "baselines": self.baselines, "stopped": stop.received,
+                   "checkpoint": str(self.last_checkpoint)}
+        if self.info.is_main and not stop.received:
             final = ", ".join(self._describe(k, v["accuracy"]) for k, v in self.last_verification.items())
             best = (f"; best {self.best['accuracy']:.4f} at step {self.best['step']}" if self.best else "")
             print(f"done: {self.step} steps ({self.step - start_step} this run) in {_duration(seconds)}; "
                   f"verification: {final or 'none configured'}{best}; run dir: {self.run_dir}", flush=True)
         return summary
+
+    def _loop(self, stop: StopRequest) -> None:
+        """Steps from the current one to ``total_steps``, or to the step at which a stop was requested."""
+        tcfg, parts = self.tcfg, self.parts
+        window_loss, window_n, window_t = 0.0, 0, time.time()
+        while self.step < parts.total_steps:
+            parts.loader.sampler.set_epoch(self.epoch)
+            parts.loader.sampler.skip = self.batch * tcfg["batch_size"]
+            for images, labels in parts.loader:
+                loss = self.train_step(images, labels)
+                self.step += 1
+                self.batch += 1
+                window_loss, window_n = window_loss + loss, window_n + 1
+                lr = parts.optimizer.param_groups[0]["lr"]
+                self.log.progress(self.step, loss=loss, lr=lr, epoch=self.epoch)
+                if self.step % tcfg["log_every"] == 0 or self.step == parts.total_steps:
+                    now = time.time()
+                    ips = window_n * parts.global_batch / max(now - window_t, 1e-9)
+                    self.log.log(self.step, epoch=self.epoch, loss=window_loss / window_n, lr=lr,
+                                 images_per_sec=ips)
+                    self.log.progress(self.step, loss=window_loss / window_n, lr=lr,
+                                      img_s=round(ips, 1), epoch=self.epoch)
+                    window_loss, window_n, window_t = 0.0, 0, now
+                if self.batch == parts.steps_per_epoch:
+                    self.epoch, self.batch = self.epoch + 1, 0
+                if self.batch == 0 or self.step % tcfg["checkpoint_every"] == 0:
+                    self.save_checkpoint()
+                if self.config["data"]["verify"] and tcfg["verify_every"] \
+                        and self.step % tcfg["verify_every"] == 0 and self.step < parts.total_steps:
+                    self.verify()
+                if self.step >= parts.total_steps or stop.requested():
+                    return
 
 
 def _allreduce_sum_hook(process_group, bucket):
@@ -463,4 +582,5 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
 
 
-__all__ = ["Trainer", "TrainingDiverged", "build_dataset", "prepare_train_data", "train"]
+__all__ = ["RunParts", "Trainer", "TrainingDiverged", "build_dataset", "build_run", "prepare_train_data",
+           "train"]

@@ -13,32 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
-from data import generate_synthetic
 from facerec import checkpoint as ckpt
 from facerec.config import load_config
 from facerec.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def config_path(tmp_path_factory):
-    root = tmp_path_factory.mktemp("resume")
-    generate_synthetic(root / "data", identities=8, images_per_identity=8, size=32, seed=1,
-                       verify_identities=20, verify_pairs=20, workers=1, progress=False)
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "model": {"name": "iresnet18", "norm": "sn", "embedding_size": 16, "input_size": 32, "width": 8},
-        "head": {"type": "cosface", "scale": 16.0, "margin": 0.2},
-        "data": {"train": "data", "num_workers": 0, "flip": False},
-        "schedule": {"name": "cosine", "warmup_steps": 3},
-        "train": {"batch_size": 16, "epochs": 5, "max_steps": 16, "checkpoint_every": 3,
-                  "keep_checkpoints": 2, "log_every": 1, "progress": False, "device": "cpu"},
-    }))
-    return path
 
 
 def run(config_path: Path, *overrides: str) -> tuple[dict, str]:
@@ -116,7 +97,7 @@ def test_checkpoint_files_are_plain_data_and_rotate(tmp_path):
     expected = (random.random(), np.random.rand(), torch.rand(1).item())
     for step in (1, 2, 3, 4):
         ckpt.save_checkpoint({"step": step, "rng": state}, tmp_path / f"step_{step}.pt")
-    ckpt.prune_checkpoints(tmp_path, keep=2)
+    ckpt.prune_checkpoints(tmp_path, keep=2, current=tmp_path / "step_4.pt")
     assert [p.name for p in ckpt.step_checkpoints(tmp_path)] == ["step_3.pt", "step_4.pt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_3.pt", "step_4.pt"]  # no temporary files
     loaded = torch.load(tmp_path / "step_4.pt", weights_only=True)  # no pickled code needed

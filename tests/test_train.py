@@ -173,3 +173,22 @@ def test_every_rank_waits_once_for_the_synthetic_set(tmp_path, monkeypatch, is_m
     monkeypatch.setattr("data.generate_synthetic", lambda path, **kw: Path(path).mkdir())
     engine.prepare_train_data(data_cfg, DistInfo(0 if is_main else 1, 2, 0, torch.device("cpu")))
     assert len(waits) == 1
+
+
+def test_a_built_run_verifies_before_fit_with_the_verification_command_path(synth_dir, tmp_path):
+    """build_run makes the parts, Trainer resumes and opens the log: verify() works before fit(), and gives
+    what `run.py verify`'s code path (facerec.verify_sets.verify) gives for the same model."""
+    from facerec.distributed import init_distributed
+    from facerec.train import Trainer, build_run
+    from facerec.verify_sets import VerificationSet, verify
+
+    trainer = Trainer(build_run(tiny_config(synth_dir, tmp_path / "run"), init_distributed("cpu")))
+    try:
+        results = trainer.verify()
+    finally:
+        trainer.log.close()
+    vset = VerificationSet("synth", *load_bin(synth_dir / "synth.bin"), "synth.bin")
+    expected, _ = verify(trainer.parts.backbone, vset, 32, device="cpu")
+    assert results["synth"]["accuracy"] == expected["accuracy"]
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "best.pt").is_file() and (run / "config.yaml").is_file()

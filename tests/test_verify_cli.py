@@ -12,7 +12,7 @@ from data import decode_image, generate_synthetic, load_bin, to_tensor
 from eval.verification import evaluate
 from facerec.cli import main
 from facerec.model_io import find_checkpoint
-from facerec.verification import load_verification_set
+from facerec.verify_sets import load_verification_set
 
 SIZE = 32
 

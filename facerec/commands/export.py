@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from facerec.commands.verify import add_checkpoint_arguments
+from facerec.distributed import resolve_device
 from facerec.export import export_embeddings, export_onnx
-from facerec.model_io import load_model, resolve_device
+from facerec.model_io import load_model
+from facerec.outputs import check_output, writing
 
 HELP = "Export L2-normalised embeddings of images (.npz/.npy) and/or the backbone as ONNX."
 
@@ -17,6 +19,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--onnx", metavar="FILE.onnx", help="also save the backbone as ONNX (dynamic batch)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-flip", action="store_true", help="do not add the horizontal-flip embedding")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="leave undecodable images out (and list them) instead of stopping")
 
 
 def run(args) -> int:
@@ -24,17 +28,24 @@ def run(args) -> int:
         raise ValueError("nothing to export: give --input and --output, and/or --onnx")
     if bool(args.input) != bool(args.output):
         raise ValueError("--input and --output go together")
+    for option in ("output", "onnx"):
+        if getattr(args, option):
+            check_output(getattr(args, option), f"--{option}")
     device = resolve_device(args.device)
     model, checkpoint = load_model(args.checkpoint or args.run, device=device)
     model_config = checkpoint["config"]["model"]
     input_size = model_config.get("input_size", 112)
     if args.input:
-        arrays = export_embeddings(model, args.input, args.output, input_size, batch_size=args.batch_size,
-                                   flip=not args.no_flip, device=device)
+        with writing(args.output, "--output"):
+            arrays = export_embeddings(model, args.input, args.output, input_size, batch_size=args.batch_size,
+                                       flip=not args.no_flip, device=device, skip_bad=args.skip_bad)
+        for message in arrays.pop("skipped"):
+            print(f"skipped: {message}")
         shape = arrays["embeddings"].shape
         print(f"wrote {args.output}: {shape[0]} embeddings of size {shape[1]} ({', '.join(arrays)})")
     if args.onnx:
-        diff = export_onnx(model, args.onnx, input_size, model_config=model_config)
+        with writing(args.onnx, "--onnx"):
+            diff = export_onnx(model, args.onnx, input_size, model_config=model_config)
         print(f"wrote {args.onnx}: input (N, 3, {input_size}, {input_size}) RGB (x/255-0.5)/0.5; "
               f"ONNX Runtime vs PyTorch max abs difference {diff:.2e}")
     return 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from data.verification_sets import make_bin_cfp, make_bin_lfw
+from facerec.outputs import check_output, writing
 
 HELP = "Build verification .bin files (insightface format) from raw LFW (pairs.txt) or CFP (FF and FP)."
 
@@ -31,6 +32,12 @@ def _print(name: str, summary: dict) -> None:
 
 
 def run(args) -> int:
+    check_output(args.output, "--output", folder=bool(args.cfp))
+    with writing(args.output, "--output"):
+        return _make(args)
+
+
+def _make(args) -> int:
     if args.lfw:
         if args.protocols != "FF,FP":
             raise ValueError("--protocols applies to --cfp only")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from data.pack import pack_folder
+from facerec.outputs import check_output, writing
 
 HELP = "Pack an image folder (<identity>/<image>) into train.rec/train.idx/property (insightface layout)."
 
@@ -23,9 +24,11 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    summary = pack_folder(args.input, args.output, landmarks=args.landmarks, size=args.size,
-                          quality=args.quality, workers=args.workers, force=args.force,
-                          skip_bad=args.skip_bad)
+    check_output(args.output, "--output", folder=True)
+    with writing(args.output, "--output"):
+        summary = pack_folder(args.input, args.output, landmarks=args.landmarks, size=args.size,
+                              quality=args.quality, workers=args.workers, force=args.force,
+                              skip_bad=args.skip_bad)
     for message in summary["skipped"]:
         print(f"skipped: {message}")
     skipped = f", {len(summary['skipped'])} undecodable images skipped" if summary["skipped"] else ""

@@ -9,8 +9,9 @@ import numpy as np
 from backbones import hard_select, sn_mixture_weights
 from eval.report import format_sn_table, format_table, write_json, write_sn_png
 from facerec.commands.verify import add_checkpoint_arguments, add_dataset_arguments
-from facerec.model_io import load_model, resolve_device
-from facerec.verification import load_verification_sets, verify
+from facerec.distributed import resolve_device
+from facerec.model_io import load_model
+from facerec.verify_sets import load_verification_sets, verify
 
 HELP = "Per-layer IN/LN/BN importance of a Switchable Normalization model (table, plot, ARGMAX accuracy)."
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from data import generate_synthetic
 from data.synth_ijb import generate_ijb
+from facerec.outputs import check_output, writing
 
 HELP = ("Generate a synthetic identity dataset: train.rec/train.idx/property (insightface layout) and a "
         "10-fold verification synth.bin on identities held out of training; with --ijb a synthetic IJB-C / "
@@ -31,16 +32,20 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_output(args.output, "--output", folder=True)
     if args.ijb:
-        summary = generate_ijb(args.output, args.ijb, args.subjects, args.probes_per_subject, args.size,
-                               args.seed, workers=args.workers, force=args.force)
+        with writing(args.output, "--output"):
+            summary = generate_ijb(args.output, args.ijb, args.subjects, args.probes_per_subject, args.size,
+                                   args.seed, workers=args.workers, force=args.force)
         print(f"wrote {summary['output_dir']}: {summary['subjects']} subjects, {summary['templates']} "
               f"templates, {summary['medias']} medias, {summary['images']} images, {summary['pairs']} "
               f"template pairs")
         return 0
-    summary = generate_synthetic(args.output, args.identities, args.images_per_identity, args.size, args.seed,
-                                 verify_identities=args.verify_identities, verify_pairs=args.verify_pairs,
-                                 quality_range=tuple(args.quality), workers=args.workers, force=args.force)
+    with writing(args.output, "--output"):
+        summary = generate_synthetic(args.output, args.identities, args.images_per_identity, args.size,
+                                     args.seed, verify_identities=args.verify_identities,
+                                     verify_pairs=args.verify_pairs, quality_range=tuple(args.quality),
+                                     workers=args.workers, force=args.force)
     print(f"wrote {summary['output_dir']}: {summary['num_classes']} identities, {summary['train_images']} "
           f"training images, {summary['verify_pairs']} verification pairs on {summary['verify_identities']} "
           f"held-out identities ({summary['seconds']:.1f} s)")

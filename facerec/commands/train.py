@@ -12,9 +12,22 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    import os
+    import shlex
+    import signal
+
     from facerec.config import load_config
     from facerec.train import train
 
     config = load_config(args.config, args.overrides)
-    train(config)
-    return 0
+    summary = train(config)
+    if not summary["stopped"]:
+        return 0
+    if os.environ.get("RANK", "0") != "0":  # rank 0 says it for all
+        return 128 + signal.SIGTERM
+    again = shlex.join(["python", "run.py", "train", "--config", args.config, *args.overrides])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        again = "the same torchrun command"
+    print(f"stopped at step {summary['steps']} by {summary['stopped']}: saved {summary['checkpoint']}; "
+          f"resume with: {again}", flush=True)
+    return 128 + getattr(signal, summary["stopped"], signal.SIGTERM)

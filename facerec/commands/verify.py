@@ -4,8 +4,10 @@ from __future__ import annotations
 from eval.report import format_table, write_json, write_pair_scores_csv, write_roc_png
 from eval.verification import roc_points
 from facerec import ijb_verify
-from facerec.model_io import build_model, read_checkpoint, resolve_device
-from facerec.verification import DEFAULT_DATA_DIR, STANDARD_SETS, load_verification_sets, verify
+from facerec.distributed import resolve_device
+from facerec.model_io import build_model, load_model_checkpoint
+from facerec.outputs import check_output, writing
+from facerec.verify_sets import DEFAULT_DATA_DIR, STANDARD_SETS, load_verification_sets, verify
 
 HELP = "Verification accuracy of a checkpoint (10-fold protocol) on LFW, CFP-FP, AgeDB-30, ... or any .bin."
 
@@ -41,14 +43,20 @@ def add_arguments(parser) -> None:
     ijb_verify.add_arguments(parser)
 
 
+OUTPUTS = ("report", "roc", "scores")
+
+
 def run(args) -> int:
+    for option in OUTPUTS:
+        if getattr(args, option):
+            check_output(getattr(args, option), f"--{option}")
     if args.dataset in ijb_verify.DATASETS:
         return ijb_verify.run(args)
-    checkpoint, file = read_checkpoint(args.checkpoint or args.run)
+    device = resolve_device(args.device)
+    checkpoint = load_model_checkpoint(args.checkpoint or args.run)
     input_size = checkpoint["config"]["model"].get("input_size", 112)
     sets = load_verification_sets(args.dataset, args.data_dir, input_size, args.workers)
-    device = resolve_device(args.device)
-    model = build_model(checkpoint, file, device=device)
+    model = build_model(checkpoint, checkpoint["path"], device=device)
     results, curves, scores = {}, {}, {}
     for vset in sets:
         metrics, distances = verify(model, vset, input_size, batch_size=args.batch_size,
@@ -58,13 +66,14 @@ def run(args) -> int:
         scores[vset.name] = (distances, vset.issame)
     print(f"checkpoint: {checkpoint['path']} (step {checkpoint.get('step', '?')})")
     print(format_table(results))
-    if args.report:
-        datasets = {v.name: {"source": v.source, **results[v.name]} for v in sets}
-        write_json(args.report, {"checkpoint": checkpoint["path"], "step": checkpoint.get("step"),
-                                 "epoch": checkpoint.get("epoch"), "model": checkpoint["config"]["model"],
-                                 "flip": not args.no_flip, "datasets": datasets})
-    if args.roc:
-        write_roc_png(args.roc, curves)
-    if args.scores:
-        write_pair_scores_csv(args.scores, scores)
+    datasets = {v.name: {"source": v.source, **results[v.name]} for v in sets}
+    report = {"checkpoint": checkpoint["path"], "step": checkpoint.get("step"),
+              "epoch": checkpoint.get("epoch"), "model": checkpoint["config"]["model"],
+              "flip": not args.no_flip, "datasets": datasets}
+    writers = {"report": (write_json, report), "roc": (write_roc_png, curves),
+               "scores": (write_pair_scores_csv, scores)}
+    for option, (write, content) in writers.items():
+        if getattr(args, option):
+            with writing(getattr(args, option), f"--{option}"):
+                write(getattr(args, option), content)
     return 0

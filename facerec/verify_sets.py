@@ -70,7 +70,8 @@ def verify(model, vset: VerificationSet, input_size: int, batch_size: int = 64, 
            device="cpu", folds: int = 10) -> tuple[dict, np.ndarray]:
     """Metrics of :func:`eval.verification.evaluate` (with ``xnorm``) and the pair distances of ``vset``."""
     embeddings, norms = embed_images(model, vset.images, input_size, batch_size=batch_size, flip=flip,
-                                     device=device, with_norms=True)
+                                     device=device, with_norms=True,
+                                     describe=lambda i: f"{vset.source}: image {i} (pair {i // 2})")
     try:
         metrics = evaluate(embeddings, vset.issame, folds=folds, norms=norms)
     except ValueError as exc:
