@@ -14,6 +14,7 @@ from data.detection import nets as nets_module
 from data.detection.mtcnn import Face, layout_levels, square_boxes
 from data.verification_sets import cfp_alignment_points
 
+SIZE_BIN = 48
 CFP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cfp"
 needs_cfp = pytest.mark.skipif(not (CFP / "Data").is_dir(), reason=f"real CFP release not found at {CFP}")
 
@@ -221,3 +222,57 @@ def test_align_folder_reports_no_face_and_resumes(tmp_path):
     redone = align_face(read_photo(photos / "001" / "02.jpg"), marks["001/02.jpg"], 64)
     written = cv2.cvtColor(cv2.imread(str(out / "001" / "02.jpg")), cv2.COLOR_BGR2RGB)
     assert np.abs(redone.astype(int) - written).mean() < 3  # JPEG round trip
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """Raw photos: identities 001 and 002 with two real CFP photos each, and a photo without a face."""
+    photos = tmp_path_factory.mktemp("photos") / "photos"
+    for ident in ("001", "002"):
+        (photos / ident).mkdir(parents=True)
+        for number in ("03", "04"):
+            (photos / ident / f"{number}.jpg").write_bytes(
+                (CFP / "Data" / "Images" / ident / "frontal" / f"{number}.jpg").read_bytes())
+    cv2.imwrite(str(photos / "002" / "wall.jpg"), np.full((120, 160, 3), 200, np.uint8))
+    return photos
+
+
+@needs_cfp
+def test_pack_and_export_detect_from_raw_photos(tmp_path, capsys, photo_folder):
+    from data import FaceRecordDataset
+    from tests.test_verify_cli import SIZE, run_cli, save_tiny_checkpoint
+
+    code, out, err = run_cli(capsys, "pack", "--detect", "--input", photo_folder,
+                             "--output", tmp_path / "rec", "--size", SIZE, "--workers", 1)
+    assert code == 0, err
+    assert "skipped (no face found)" in out and "wall.jpg" in out and "4 images of 2 identities" in out
+    records = FaceRecordDataset(tmp_path / "rec")
+    assert len(records) == 4 and sorted(records.labels.tolist()) == [0, 0, 1, 1]
+    save_tiny_checkpoint(tmp_path / "model.pt")
+    code, out, err = run_cli(capsys, "export", "--checkpoint", tmp_path / "model.pt", "--device", "cpu",
+                             "--input", photo_folder, "--output", tmp_path / "e.npz", "--detect",
+                             "--workers", 1)
+    assert code == 0, err
+    saved = np.load(tmp_path / "e.npz")
+    assert saved["embeddings"].shape[0] == 4 and saved["no_face"].tolist() == ["002/wall.jpg"]
+    assert saved["labels"].tolist() == [0, 0, 1, 1]
+
+
+@needs_cfp
+def test_make_bin_lfw_aligns_with_the_detector(tmp_path, photo_folder):
+    from data import load_bin, make_bin_lfw
+
+    lfw = tmp_path / "lfw"
+    for ident, name in (("001", "Ann_Lee"), ("002", "Bob_Roe")):
+        (lfw / name).mkdir(parents=True)
+        for i, number in enumerate(("03", "04"), start=1):
+            photo = (photo_folder / ident / f"{number}.jpg").read_bytes()
+            (lfw / name / f"{name}_{i:04d}.jpg").write_bytes(photo)
+    (lfw / "pairs.txt").write_text("1\t1\nAnn_Lee\t1\t2\nAnn_Lee\t1\tBob_Roe\t2\n")
+    summary = make_bin_lfw(lfw, output=tmp_path / "lfw.bin", size=SIZE_BIN, workers=1)
+    assert summary["aligned"] == {"detector": 3, "crop": 0, "no_face": []}
+    images, issame = load_bin(tmp_path / "lfw.bin")
+    assert len(images) == 4 and issame.tolist() == [True, False]
+    crop = make_bin_lfw(lfw, output=tmp_path / "crop.bin", size=SIZE_BIN, workers=1, detect=None)
+    assert crop["aligned"] == {"crop": 3} and load_bin(tmp_path / "crop.bin")[0] != images
+

@@ -10,6 +10,8 @@ each.
 from __future__ import annotations
 
 import math
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,26 +81,43 @@ class MTCNN:
 
     ``min_face``: smallest face side searched, in pixels; ``thresholds``: P-, R-, O-Net face probabilities
     kept; ``factor``: pyramid step; ``nms``: IoU thresholds (within a pyramid level, within each stage,
-    final). Inputs are ``(x - 127.5) / 128``, as the networks were trained.
+    final). Inputs are ``(x - 127.5) / 128``, as the networks were trained. With ``timed``, the seconds spent
+    in each stage (``pnet``: pyramid, P-Net and its NMS; ``rnet``; ``onet``) add up in ``stage_seconds``
+    (the device is synchronised around each stage).
     """
 
     def __init__(self, device="cpu", min_face: float = 20.0, thresholds=(0.6, 0.7, 0.7),
-                 factor: float = 0.709, nms=(0.5, 0.7, 0.7)):
+                 factor: float = 0.709, nms=(0.5, 0.7, 0.7), timed: bool = False):
         self.device = torch.device(device)
         self.pnet, self.rnet, self.onet = load_nets(self.device)
         self.min_face, self.thresholds, self.factor, self.nms = min_face, thresholds, factor, nms
+        self.timed, self.stage_seconds = timed, {"pnet": 0.0, "rnet": 0.0, "onet": 0.0}
+
+    @contextmanager
+    def _stage(self, name: str):
+        if self.timed and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.timed:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.stage_seconds[name] += time.perf_counter() - start
 
     @torch.inference_mode()
     def detect(self, images: list[np.ndarray]) -> list[list[Face]]:
         """Faces in each uint8 RGB ``(H, W, 3)`` image."""
         if not images:
             return []
-        batch = self._stack(images)
-        boxes, owner = self._propose(batch, [image.shape[:2] for image in images])
-        boxes, owner, scores, _ = self._refine(self.rnet, 24, batch, boxes, owner, self.thresholds[1])
-        boxes = square_boxes(boxes)
-        boxes, owner, scores, landmarks = self._refine(self.onet, 48, batch, boxes, owner, self.thresholds[2])
-        keep = batched_nms(boxes, scores, owner, self.nms[2])
+        with self._stage("pnet"):
+            batch = self._stack(images)
+            boxes, owner = self._propose(batch, [image.shape[:2] for image in images])
+        with self._stage("rnet"):
+            boxes, owner, _, _ = self._refine(self.rnet, 24, batch, boxes, owner, self.thresholds[1])
+        with self._stage("onet"):
+            boxes, owner, scores, landmarks = self._refine(self.onet, 48, batch, square_boxes(boxes), owner,
+                                                           self.thresholds[2])
+            keep = batched_nms(boxes, scores, owner, self.nms[2])
         boxes, owner, scores, landmarks = (t[keep].cpu().numpy() for t in (boxes, owner, scores, landmarks))
         faces = [[] for _ in images]
         for box, i, score, points in zip(boxes, owner, scores, landmarks):
