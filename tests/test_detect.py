@@ -196,15 +196,20 @@ def test_grayscale_alpha_and_exif_rotated_photos(tmp_path, detector):
         assert nme(face.landmarks, truth) < 0.1
 
 
-@needs_cfp
-def test_align_folder_reports_no_face_and_resumes(tmp_path):
-    photos = tmp_path / "photos"
+def raw_photos(photos: Path, numbers, wall: str) -> Path:
+    """Identities 001 and 002 with real CFP frontal photos ``numbers``, and 002/``wall``: no face."""
     for ident in ("001", "002"):
         (photos / ident).mkdir(parents=True)
-        for number in ("01", "02"):
+        for number in numbers:
             (photos / ident / f"{number}.jpg").write_bytes(
                 (CFP / "Data" / "Images" / ident / "frontal" / f"{number}.jpg").read_bytes())
-    cv2.imwrite(str(photos / "002" / "wall.png"), np.full((120, 160, 3), 200, np.uint8))
+    cv2.imwrite(str(photos / "002" / wall), np.full((120, 160, 3), 200, np.uint8))
+    return photos
+
+
+@needs_cfp
+def test_align_folder_reports_no_face_and_resumes(tmp_path):
+    photos = raw_photos(tmp_path / "photos", ("01", "02"), "wall.png")
     (photos / "002" / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "aligned"
     summary = align_folder(photos, out, DetectSettings(size=64), workers=2, progress=False)
@@ -227,14 +232,7 @@ def test_align_folder_reports_no_face_and_resumes(tmp_path):
 @pytest.fixture(scope="module")
 def photo_folder(tmp_path_factory):
     """Raw photos: identities 001 and 002 with two real CFP photos each, and a photo without a face."""
-    photos = tmp_path_factory.mktemp("photos") / "photos"
-    for ident in ("001", "002"):
-        (photos / ident).mkdir(parents=True)
-        for number in ("03", "04"):
-            (photos / ident / f"{number}.jpg").write_bytes(
-                (CFP / "Data" / "Images" / ident / "frontal" / f"{number}.jpg").read_bytes())
-    cv2.imwrite(str(photos / "002" / "wall.jpg"), np.full((120, 160, 3), 200, np.uint8))
-    return photos
+    return raw_photos(tmp_path_factory.mktemp("photos") / "photos", ("03", "04"), "wall.jpg")
 
 
 @needs_cfp

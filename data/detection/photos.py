@@ -90,23 +90,30 @@ def _detect_batch(detector: MTCNN, paths: Sequence, settings: DetectSettings) ->
     return results
 
 
-def _detect_chunk(task) -> list[PhotoFaces]:
-    """Worker task: a detector built in the worker, run over one chunk of photos."""
-    settings, paths = task
-    return _detect_batch(MTCNN(settings.device, settings.min_face), paths, settings)
+# The detector of a worker process of detect_photos' pool, built once by the pool's initialiser (each
+# worker is a fresh process started for that pool, so this state never outlives or crosses one pool).
+_WORKER_DETECTOR: list[MTCNN] = []
 
 
-def _one_thread() -> None:
-    """Worker initialiser: one torch thread per worker process (the pool spreads over the cores)."""
+def _start_worker(settings: DetectSettings) -> None:
+    """Worker initialiser: one torch thread per worker process (the pool spreads over the cores), and the
+    worker's detector."""
     torch.set_num_threads(1)
+    _WORKER_DETECTOR.append(MTCNN(settings.device, settings.min_face))
+
+
+def _detect_chunk(task) -> list[PhotoFaces]:
+    """Worker task: the worker's detector over one chunk of photos."""
+    settings, paths = task
+    return _detect_batch(_WORKER_DETECTOR[0], paths, settings)
 
 
 def detect_photos(paths: Sequence, settings: DetectSettings, workers: int = 1,
                   desc: str = "detect", progress: bool = True):
     """Yield ``(path, PhotoFaces)`` for every photo, in order, detecting in batches of ``settings.batch``.
 
-    ``workers > 1`` spreads the batches over a fork-server pool of one-thread processes, each building its
-    own detector per batch; otherwise one detector runs here. Weights errors are raised before any work.
+    ``workers > 1`` spreads the batches over a fork-server pool of one-thread processes, each with its own
+    detector; otherwise one detector runs here. Weights errors are raised before any work.
     """
     detector = MTCNN(settings.device, settings.min_face)  # also checks the weights up front
     chunks = [list(paths[i : i + settings.batch]) for i in range(0, len(paths), settings.batch)]
@@ -119,7 +126,7 @@ def detect_photos(paths: Sequence, settings: DetectSettings, workers: int = 1,
                 bar.update(len(chunk))
                 yield from zip(chunk, found)
             return
-        with worker_context().Pool(workers, initializer=_one_thread) as pool:
+        with worker_context().Pool(workers, initializer=_start_worker, initargs=(settings,)) as pool:
             tasks = [(settings, chunk) for chunk in chunks]
             for chunk, found in zip(chunks, pool.imap(_detect_chunk, tasks)):
                 bar.update(len(chunk))
