@@ -14,9 +14,9 @@ import numpy as np
 from tqdm import tqdm
 
 from .align import align_face, crop_face, read_landmarks_csv
-from .detection.photos import detect_photos
+from .detection.photos import detect_photos, read_photo
 from .errors import DataError
-from .images import decode_image, encode_image
+from .images import encode_image
 from .recordio import IRHeader, MXIndexedRecordIO, pack
 from .workers import worker_context
 
@@ -43,11 +43,7 @@ class FaceJob:
 
 def encode_face(job: FaceJob) -> bytes:
     """Read ``job.path``, crop or align the face and return it JPEG-encoded (BGR order, as insightface)."""
-    try:
-        buf = Path(job.path).read_bytes()
-    except OSError as exc:
-        raise FileNotFoundError(f"cannot read image {job.path}: {exc.strerror or exc}") from None
-    image = decode_image(buf, source=str(job.path))
+    image = read_photo(job.path)
     if job.landmarks is not None:
         face = align_face(image, job.landmarks, job.size, reference=job.reference)
     else:

@@ -182,20 +182,18 @@ class MTCNN:
 
     def _refine(self, net, size: int, batch, boxes, owner, threshold: float):
         """R-Net or O-Net on ``size`` x ``size`` crops of ``boxes``: kept boxes (regressed), their image,
-        scores, and landmarks (pixels, (K, 5, 2); empty for R-Net)."""
-        empty = torch.zeros(0, 5, 2, device=self.device)
+        scores, and the landmarks of the boxes before regression (pixels, (K, 5, 2); None for R-Net)."""
         if not len(boxes):
-            return boxes, owner, torch.zeros(0, device=self.device), empty
+            return boxes, owner, torch.zeros(0, device=self.device), torch.zeros(0, 5, 2, device=self.device)
         rois = torch.cat([owner[:, None].to(boxes.dtype), boxes], 1)
         crops = roi_align(batch, rois, (size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
         outputs = net(((crops - 127.5) * 0.0078125).contiguous(memory_format=torch.channels_last))
-        scores, offsets = outputs[0], outputs[1]
-        keep = torch.nonzero(scores >= threshold).flatten()
-        boxes, owner, scores, offsets = boxes[keep], owner[keep], scores[keep], offsets[keep]
-        landmarks = empty
+        keep = torch.nonzero(outputs[0] >= threshold).flatten()
+        boxes, owner, scores, offsets = boxes[keep], owner[keep], outputs[0][keep], outputs[1][keep]
+        landmarks = None
         if len(outputs) == 3:
             fractions = outputs[2][keep].view(-1, 2, 5).transpose(1, 2)  # x1..x5, y1..y5 -> (K, 5, 2)
             landmarks = boxes[:, None, :2] + fractions * (boxes[:, None, 2:] - boxes[:, None, :2])
         keep = batched_nms(boxes, scores, owner, self.nms[1])
-        return regress_boxes(boxes[keep], offsets[keep]), owner[keep], scores[keep], landmarks[keep] \
-            if len(landmarks) else empty
+        landmarks = None if landmarks is None else landmarks[keep]
+        return regress_boxes(boxes[keep], offsets[keep]), owner[keep], scores[keep], landmarks
