@@ -208,7 +208,7 @@ def raw_photos(photos: Path, numbers, wall: str) -> Path:
 
 
 @needs_cfp
-def test_align_folder_reports_no_face_and_resumes(tmp_path):
+def test_align_folder_reports_no_face_and_resumes(tmp_path, capsys):
     photos = raw_photos(tmp_path / "photos", ("01", "02"), "wall.png")
     (photos / "002" / "broken.jpg").write_bytes(b"not a jpeg")
     out = tmp_path / "aligned"
@@ -217,8 +217,12 @@ def test_align_folder_reports_no_face_and_resumes(tmp_path):
     assert [p for p, _ in summary["no_face"]] == ["002/wall.png"]
     assert [p for p, _ in summary["undecodable"]] == ["002/broken.jpg"]
     assert cv2.imread(str(out / "001" / "02.jpg")).shape == (64, 64, 3)
-    again = align_folder(photos, out, DetectSettings(size=64), workers=1, progress=False)
-    assert again["resumed"] == 6 and again["aligned"] == 0 and again["no_face"] == []
+    from tests.test_verify_cli import run_cli
+
+    code, printed, err = run_cli(capsys, "align", "--input", photos, "--output", out, "--size", 64)
+    assert code == 0, err
+    assert printed.strip() == ("6 photos: 0 aligned (0 faces written), 0 without a face, 0 undecodable, "
+                               "0 with several faces; 6 done by an earlier run")
     # the landmarks file is what pack --landmarks reads: same faces
     from data.align import align_face, read_landmarks_csv
 
