@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import DataError, decode_image, load_bin
+from data import DataError, decode_image, encode_image, load_bin
+from data.detection import detect_photos
 from data.recordio import MXIndexedRecordIO, unpack
 from eval.verification import l2_normalize
 
@@ -143,24 +144,61 @@ def read_image_set(path) -> ImageSet:
     return _list_file(path)
 
 
+def detect_image_set(image_set: ImageSet, settings, workers: int = 1,
+                     skip_bad: bool = False) -> tuple[ImageSet, list[str]]:
+    """The faces of an image folder's or list file's photos, detected and aligned (``settings``: a
+    :class:`data.detection.DetectSettings`); each kept face is an image (``--face all``: ``path#i``).
+    Photos without a face are left out and listed in ``extra["no_face"]``; an undecodable photo is an
+    error, or with ``skip_bad`` left out. Returns the faces and the messages of the photos left out."""
+    if not isinstance(image_set.images, _FileBytes):
+        raise ValueError("face detection applies to photos (an image folder or a list file), not to the "
+                         "aligned faces of a .rec or .bin")
+    images, labels, paths, no_face, skipped = [], [], [], [], []
+    results = detect_photos(image_set.images.paths, settings, workers, desc="detect", progress=True)
+    for i, (_, result) in enumerate(results):
+        if result.error is not None:
+            if not skip_bad:
+                raise DataError(f"{result.error} (use --skip-bad to leave undecodable images out)")
+            skipped.append(result.error)
+            continue
+        if not result.faces:
+            no_face.append(image_set.paths[i])
+        for k, crop in enumerate(result.crops):
+            images.append(encode_image(crop, ext=".png"))
+            paths.append(f"{image_set.paths[i]}#{k}" if settings.rule == "all" else image_set.paths[i])
+            labels.append(-1 if image_set.labels is None else image_set.labels[i])
+    if not images:
+        raise ValueError(f"no face found in any of the {len(image_set.paths)} photos")
+    faces = ImageSet(images, paths.__getitem__,
+                     None if image_set.labels is None else np.array(labels, dtype=np.int64), paths,
+                     {**image_set.extra, "no_face": np.array(no_face, dtype=str)})
+    return faces, skipped
+
+
 def export_embeddings(model, input_path, output_path, input_size: int, batch_size: int = 64,
-                      flip: bool = True, device="cpu", progress: bool = True, skip_bad: bool = False) -> dict:
+                      flip: bool = True, device="cpu", progress: bool = True, skip_bad: bool = False,
+                      detect=None, detect_workers: int = 1) -> dict:
     """Embed every image of ``input_path`` and save them to ``output_path``.
 
     ``.npz``: ``embeddings`` (float32, L2-normalised), ``norms`` (L2 norm of each embedding before
     normalisation, so ``embeddings * norms[:, None]`` is the raw, flip-summed output), then ``labels``
     and/or ``paths`` when the input has them (``issame`` for a ``.bin``). ``.npy``: the embeddings only.
-    An undecodable image is an error naming it, or with ``skip_bad`` it is left out (its labels and paths
-    too). Returns the saved arrays and ``skipped`` (the messages of the images left out).
+    ``detect`` (a :class:`data.detection.DetectSettings`): the input holds photos, whose faces are detected
+    and aligned first (:func:`detect_image_set`, ``detect_workers`` processes). An undecodable image is an
+    error naming it, or with ``skip_bad`` it is left out (its labels and paths too). Returns the saved
+    arrays and ``skipped`` (the messages of the images left out).
     """
     output_path = Path(output_path)
     if output_path.suffix not in (".npz", ".npy"):
         raise ValueError(f"output must end in .npz or .npy, got {output_path}")
     image_set = read_image_set(input_path)
     keep, skipped = list(range(len(image_set.images))), []
-    if skip_bad:
+    if detect is not None:
+        image_set, skipped = detect_image_set(image_set, detect, detect_workers, skip_bad)
+        keep = list(range(len(image_set.images)))
+    elif skip_bad:
         keep, skipped = _decodable(image_set)
-        if skipped and image_set.extra:
+        if skipped and "issame" in image_set.extra:
             raise DataError(f"{skipped[0]}: --skip-bad cannot leave images out of verification pairs")
     try:
         raw = embed_images(model, _Picked(image_set.images, keep), input_size, batch_size=batch_size,
