@@ -101,13 +101,15 @@ def prepare_train_data(data_cfg: dict, info: DistInfo) -> Path:
     return path
 
 
-def build_dataset(path: Path, input_size: int, flip: bool):
-    """RecordIO set (``.rec`` file or directory with ``train.rec``), else an ``<identity>/<image>`` folder."""
+def build_dataset(path: Path, input_size: int, flip: bool, augment: dict | None = None):
+    """RecordIO set (``.rec`` file or directory with ``train.rec``), else an ``<identity>/<image>`` folder;
+    ``augment`` is the ``data.augment`` section (None or every ``p`` 0: no augmentation)."""
     from data import FaceFolderDataset, FaceRecordDataset
+    from data.augment import Augment
 
-    if path.suffix == ".rec" or (path / "train.rec").exists():
-        return FaceRecordDataset(path, input_size=input_size, train=flip)
-    return FaceFolderDataset(path, input_size=input_size, train=flip)
+    records = path.suffix == ".rec" or (path / "train.rec").exists()
+    return (FaceRecordDataset if records else FaceFolderDataset)(path, input_size=input_size, train=flip,
+                                                                 augment=Augment(**(augment or {})))
 
 
 class EpochSampler(DistributedSampler):
@@ -156,7 +158,8 @@ class Trainer:
 
         _seed_everything(tcfg["seed"])  # same on every rank: identical initial weights
         train_path = prepare_train_data(config["data"], info)
-        self.dataset = build_dataset(train_path, mcfg["input_size"], config["data"]["flip"])
+        self.dataset = build_dataset(train_path, mcfg["input_size"], config["data"]["flip"],
+                                     config["data"]["augment"])
         for path in config["data"]["verify"]:
             if not Path(path).is_file():
                 raise FileNotFoundError(f"data.verify: no such file: {path}")
