@@ -13,7 +13,6 @@ import numpy as np
 from .images import decode_image, encode_image
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601, as cv2's RGB2GRAY
-_ORDER = ("scale", "shift", "colour", "grayscale", "blur", "jpeg")
 
 
 def zoom_and_shift(image: np.ndarray, zoom: float, dx: float, dy: float) -> np.ndarray:

@@ -114,6 +114,11 @@ def test_bad_augment_values_name_the_key(override, message):
         load_config(None, [override])
 
 
+def test_augment_refuses_missing_keys_when_built_directly():
+    with pytest.raises(ValueError, match="blur takes the keys p, sigma; got p"):
+        Augment(blur={"p": 0.5})
+
+
 def _folder(root, identities=2, images=4):
     for label in range(identities):
         (root / f"id{label}").mkdir(parents=True)
