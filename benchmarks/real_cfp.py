@@ -1,16 +1,20 @@
 """Train on real photos (CFP) and verify on identities never seen in training.
 
 CFP's 10 protocol folds are identity-disjoint. This script packs every image (10 frontal + 4 profile) of
-the identities outside fold 10 (``--test-fold``), aligned from the release's fiducials, into a RecordIO
-training set; writes fold 10's FF and FP pairs as ``.bin`` files; trains ``configs/cfp.yaml`` with
-``run.py train`` for about ``--minutes``; and prints the verification accuracy on fold 10 (the standard
-protocol's 10-fold threshold selection inside that fold's 700 pairs, reordered into 10 balanced sub-folds).
+the identities outside fold 10 (``--test-fold``), aligned from the release's fiducials (``--align
+fiducials``, the default) or from the MTCNN detector's 5 points (``--align detect``; the fiducials where
+it finds no face), into a RecordIO training set; writes fold 10's FF and FP pairs, aligned the same way,
+as ``.bin`` files; trains ``configs/cfp.yaml`` with ``run.py train`` for about ``--minutes``; and prints
+the verification accuracy on fold 10 (the standard protocol's 10-fold threshold selection inside that
+fold's 700 pairs, reordered into 10 balanced sub-folds).
 
     python benchmarks/real_cfp.py --minutes 5
+    python benchmarks/real_cfp.py --minutes 5 --align detect
     python benchmarks/real_cfp.py --prepare-only --cache datasets/cfp   # the data configs/cfp.yaml reads
 
-Prepared data is cached (``--cache``, default: a folder in the system temp dir); the photos themselves are
-only linked from there, never copied.
+Prepared data is cached (``--cache``, default: a folder in the system temp dir; ``detect/`` in it for
+``--align detect``); the photos themselves are only linked from there, never copied. The detections are
+cached too (``--detections``, shared with ``benchmarks/landmarks_cfp.py``).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.landmarks_cfp import DEFAULT_CACHE, cfp_detections  # noqa: E402
 from data import load_bin, pack_folder, similarity_transform, write_bin  # noqa: E402
 from data.align import ARCFACE_TEMPLATE  # noqa: E402
 from data.augment import Augment  # noqa: E402
@@ -67,8 +72,11 @@ def five_point_landmarks(image: Path) -> np.ndarray:
     return (ARCFACE_TEMPLATE - shift) @ np.linalg.inv(linear).T
 
 
-def prepare(cfp_dir: Path, cache: Path, size: int, test_fold: int) -> dict:
-    """Pack the training identities and write the test fold's bins into ``cache`` (skipped if present)."""
+def prepare(cfp_dir: Path, cache: Path, size: int, test_fold: int, detections: dict | None = None) -> dict:
+    """Pack the training identities and write the test fold's bins into ``cache`` (skipped if present).
+
+    ``detections`` (``{image: landmarks or None}``): align with the detector's points where it found a face,
+    else with the fiducials."""
     test_ids = fold_identities(cfp_dir, [test_fold])
     other_ids = fold_identities(cfp_dir, [f for f in range(1, 11) if f != test_fold])
     shared = test_ids & other_ids
@@ -88,14 +96,20 @@ def prepare(cfp_dir: Path, cache: Path, size: int, test_fold: int) -> dict:
                 link.parent.mkdir(parents=True, exist_ok=True)
                 if not link.exists():
                     link.symlink_to(image.resolve())
-                points = five_point_landmarks(image)
+                detected = None if detections is None else detections[image]
+                points = five_point_landmarks(image) if detected is None else detected
                 rows.append(",".join([f"{ident}/{link.name}", *(f"{v:.4f}" for v in points.ravel())]))
         (cache / "landmarks.csv").write_text("\n".join(rows) + "\n")
         summary = pack_folder(faces, train_dir, landmarks=cache / "landmarks.csv", size=size, force=True)
         print(f"packed {summary['images']} images of {summary['classes']} identities into {train_dir}")
     bins = cache / f"fold{test_fold}"
     if not (bins / "cfp_fp.bin").exists():
-        make_bin_cfp(cfp_dir, bins, size=size, folds=[test_fold], force=True)
+        alignment = "fiducials" if detections is None else "detect"
+        summaries = make_bin_cfp(cfp_dir, bins, size=size, folds=[test_fold], force=True, alignment=alignment,
+                                 detections=detections)
+        used = [f"{name} {pose} {counts}" for name, summary in summaries.items()
+                for pose, counts in summary["aligned"].items()]
+        print("test images aligned by: " + "; ".join(used))
         for path in (bins / "cfp_ff.bin", bins / "cfp_fp.bin"):
             balance_folds(path)
     info.update(train=str(train_dir), verify=[str(bins / "cfp_ff.bin"), str(bins / "cfp_fp.bin")])
@@ -147,6 +161,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="train exactly this many steps instead of the budget's "
                         "estimate (arms compared side by side on a shared, busy machine)")
     parser.add_argument("--test-fold", type=int, default=10)
+    parser.add_argument("--align", choices=("fiducials", "detect"), default="fiducials",
+                        help="align faces from the release's fiducials (default) or the MTCNN detector")
+    parser.add_argument("--detections", type=Path, default=DEFAULT_CACHE,
+                        help=f"--align detect: cached CFP detections (default {DEFAULT_CACHE})")
+    parser.add_argument("--workers", type=int, default=2, help="--align detect: detection processes")
     parser.add_argument("--prepare-only", action="store_true", help="pack and write bins, do not train")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.width=16")
     args = parser.parse_args()
@@ -157,12 +176,18 @@ def main() -> None:
 
     config = load_config(args.config, args.overrides)
     start = time.perf_counter()
-    info = prepare(args.cfp, args.cache.absolute(), config["model"]["input_size"], args.test_fold)
+    cache, detections = args.cache.absolute(), None
+    if args.align == "detect":
+        cache, detections = cache / "detect", cfp_detections(args.cfp, args.detections, args.workers)
+        missed = sum(v is None for v in detections.values())
+        print(f"detector: a face in {len(detections) - missed} of {len(detections)} CFP images "
+              f"({missed} aligned from the fiducials instead)")
+    info = prepare(args.cfp, cache, config["model"]["input_size"], args.test_fold, detections)
     print(f"data ready in {time.perf_counter() - start:.0f} s: {info['train_identities']} training "
           f"identities, {info['test_identities']} test identities (fold {args.test_fold})")
     if args.prepare_only:
         return
-    run_dir = args.cache / "run"
+    run_dir = cache / "run"
     if args.steps:
         steps = args.steps
         print(f"{steps} steps (--steps); run dir {run_dir}")
@@ -182,9 +207,9 @@ def main() -> None:
     results = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     verified = [r for r in results if "verify" in r]
     augment = "on" if Augment(**config["data"]["augment"]) else "off"
-    print(f"\nreal CFP, fold {args.test_fold} (identities unseen in training), {steps} steps in "
-          f"{minutes:.1f} min, {config['model']['name']} {config['model']['norm']} "
-          f"{config['model']['input_size']}px, augmentation {augment}:")
+    print(f"\nreal CFP, fold {args.test_fold} (identities unseen in training), {args.align} alignment, "
+          f"augmentation {augment}, {steps} steps in {minutes:.1f} min, {config['model']['name']} "
+          f"{config['model']['norm']} {config['model']['input_size']}px:")
     for record in verified:
         text = ", ".join(f"{name} {v['accuracy'] * 100:.2f}% ± {v['accuracy_std'] * 100:.2f}"
                          for name, v in record["verify"].items())

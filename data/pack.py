@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from .align import align_face, crop_face, read_landmarks_csv
+from .detection.photos import detect_photos
 from .errors import DataError
 from .images import decode_image, encode_image
 from .recordio import IRHeader, MXIndexedRecordIO, pack
@@ -113,7 +114,7 @@ def scan_identities(input_dir: Path) -> list[tuple[str, list[Path]]]:
 
 
 def pack_folder(input_dir, output_dir, landmarks=None, size: int = 112, quality: int = 95,
-                workers: int | None = None, force: bool = False, skip_bad: bool = False) -> dict:
+                workers: int | None = None, force: bool = False, skip_bad: bool = False, detect=None) -> dict:
     """Pack ``<input_dir>/<identity>/<image>`` into ``output_dir/{train.rec, train.idx, property}``.
 
     insightface layout: record 0 is a header (flag 2, labels ``[A, B]``); records ``1..A-1`` are the images,
@@ -122,8 +123,10 @@ def pack_folder(input_dir, output_dir, landmarks=None, size: int = 112, quality:
     ``num_classes,size,size``.
 
     ``landmarks``: CSV of ``image,x1,y1,...,x5,y5`` (image path relative to ``input_dir``, header optional);
-    faces are then aligned to the ArcFace template. Without it the images are taken as already aligned: the
-    centred square (non-square images lose their longer sides' margins) is resized to ``size``.
+    faces are then aligned to the ArcFace template. ``detect``: a :class:`data.detection.DetectSettings`:
+    the faces are found and aligned by the MTCNN detector instead (``rule`` picks the face; ``all`` packs
+    every face of a photo); photos without a face are left out and reported. Without either, the images are
+    taken as aligned: the centred square (non-square images lose their longer sides' margins) is resized.
     Images are decoded, aligned and JPEG-encoded (``quality``) in ``workers`` processes, in order.
     An undecodable image is an error naming it, or with ``skip_bad`` it is left out and reported.
     Outputs are written under temporary names and renamed at the end; existing outputs are an error unless
@@ -135,6 +138,8 @@ def pack_folder(input_dir, output_dir, landmarks=None, size: int = 112, quality:
     outputs = [output_dir / name for name in OUTPUT_NAMES]
     refuse_overwrite(outputs, force)
     identities = scan_identities(input_dir)
+    if landmarks is not None and detect is not None:
+        raise ValueError("give landmarks or detect, not both")
     points = read_landmarks_csv(landmarks) if landmarks is not None else None
 
     jobs, labels = [], []
@@ -148,16 +153,19 @@ def pack_folder(input_dir, output_dir, landmarks=None, size: int = 112, quality:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     temporary = [output_dir / f".{name}.tmp{os.getpid()}" for name in OUTPUT_NAMES]
-    skipped = []
+    skipped, no_face = [], []
 
     def encoded_images():
-        for label, result in zip(labels, map_ordered(_encode_or_report, jobs, workers, "pack")):
+        results = (map_ordered(_encode_or_report, jobs, workers, "pack") if detect is None
+                   else _detected_faces([job.path for job in jobs], detect, size, quality, workers, no_face))
+        for label, result in zip(labels, results):
             if isinstance(result, str):
                 if not skip_bad:
                     raise DataError(f"{result} (use --skip-bad to leave undecodable images out)")
                 skipped.append(result)
                 continue
-            yield label, result
+            for image in [result] if isinstance(result, bytes) else result:
+                yield label, image
 
     try:
         count = write_identity_records(temporary[0], temporary[1], encoded_images(), len(identities),
@@ -168,7 +176,19 @@ def pack_folder(input_dir, output_dir, landmarks=None, size: int = 112, quality:
     finally:
         for tmp in temporary:
             tmp.unlink(missing_ok=True)
-    return {"images": count, "classes": len(identities), "skipped": skipped, "output": output_dir}
+    return {"images": count, "classes": len(identities), "skipped": skipped, "output": output_dir,
+            "no_face": no_face}
+
+
+def _detected_faces(paths, settings, size: int, quality: int, workers: int | None, no_face: list):
+    """Per photo: its detected faces aligned and JPEG-encoded (a list, empty and its name appended to
+    ``no_face`` when none was found), or an undecodable photo's error message."""
+    settings = replace(settings, size=size)
+    for path, result in detect_photos(paths, settings, default_workers() if workers is None else workers,
+                                      desc="pack"):
+        if result.error is None and not result.faces:
+            no_face.append(str(path))
+        yield result.error or [encode_image(crop, quality=quality) for crop in result.crops]
 
 
 def write_identity_records(rec_path, idx_path, labelled_images: Iterable[tuple[int, bytes]], num_classes: int,

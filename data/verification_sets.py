@@ -1,24 +1,29 @@
 """Verification pairs from the raw LFW and CFP releases, as insightface-style ``.bin`` files or in memory.
 
 LFW (``<root>/<Name>/<Name>_<NNNN>.jpg`` + ``pairs.txt``): 10 folds of same pairs then different pairs, kept
-in file order. Without landmarks each 250x250 image is cropped to :data:`LFW_FACE_BOX` (see there).
+in file order. Faces are aligned from the MTCNN detector's 5 points (the face nearest the centre, the LFW
+convention), from given landmarks, or cropped to :data:`LFW_FACE_BOX` (see there); that crop also stands in
+for a photo where the detector finds no face (such photos are listed in the summary).
 
 CFP (``Data/Images``, ``Data/Fiducials``, ``Protocol``): for protocol FF / FP, folds ``Split/<P>/01..10``
 in order, each its ``same.txt`` pairs then its ``diff.txt`` pairs (first image frontal, second frontal for FF
 and profile for FP), images numbered by ``Pair_list_F.txt`` / ``Pair_list_P.txt``. Faces are aligned from
-the release's 30 manual fiducials (:func:`cfp_alignment_points`).
+the detector's 5 points (the main face), where it finds none from the release's 30 manual fiducials
+(:func:`cfp_alignment_points`), or from the fiducials alone.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from .align import ARCFACE_TEMPLATE, read_landmarks_csv
 from .bins import write_bin
+from .detection.photos import DetectSettings, detect_landmarks
 from .errors import DataError
-from .pack import FaceJob, encode_face, map_ordered, refuse_overwrite
+from .pack import FaceJob, default_workers, encode_face, map_ordered, refuse_overwrite
 
 # LFW images are a Viola-Jones face box enlarged 2.2x and scaled to 250x250: the box is the central ~114x114.
 # In such a box the eyes sit ~0.38 and the mouth ~0.78 of its height from the top and are ~0.38 of its width
@@ -28,6 +33,9 @@ from .pack import FaceJob, encode_face, map_ordered, refuse_overwrite
 # not a fit to measured LFW landmarks. Fractions of the image size, so it follows a resized copy of LFW.
 LFW_FACE_BOX = (58 / 250, 50 / 250, 192 / 250, 184 / 250)
 
+LFW_DETECT = DetectSettings(rule="center", size=None)  # LFW photos are centred on the named person
+CFP_DETECT = DetectSettings(rule="main", size=None)
+CFP_ALIGNMENTS = ("detect", "fiducials", "centre")
 CFP_PROTOCOLS = {"FF": ("Pair_list_F.txt", "Pair_list_F.txt"), "FP": ("Pair_list_F.txt", "Pair_list_P.txt")}
 
 # CFP fiducials (30 points, one half of the face, the same scheme for frontal and profile images):
@@ -130,12 +138,17 @@ def _lfw_image_root(lfw_dir: Path, name: str) -> Path:
 
 
 def lfw_pairs(lfw_dir, pairs_path=None, size: int = 112, landmarks=None, box=LFW_FACE_BOX, quality: int = 95,
-              workers: int | None = None) -> tuple[list[bytes], np.ndarray]:
-    """Face crops (JPEG bytes, 2 per pair, file order) and ``issame`` for raw LFW and its ``pairs.txt``.
+              workers: int | None = None, detect: DetectSettings | None = None
+              ) -> tuple[list[bytes], np.ndarray, dict]:
+    """Face crops (JPEG bytes, 2 per pair, file order), ``issame`` and how the faces were aligned, for raw
+    LFW and its ``pairs.txt``.
 
     ``landmarks``: CSV ``image,x1,y1,...,x5,y5`` with image paths relative to the folder holding the person
-    folders (``Name/Name_0001.jpg``); then faces are aligned to the ArcFace template, else cropped to ``box``
-    (fractions of the image size, default :data:`LFW_FACE_BOX`).
+    folders (``Name/Name_0001.jpg``); then faces are aligned to the ArcFace template. Else ``detect``
+    (:class:`DetectSettings`) aligns them from the detector's landmarks; photos without a detected face, and
+    all photos when ``detect`` is None, are cropped to ``box`` (fractions of the image size, default
+    :data:`LFW_FACE_BOX`). The third value counts ``{"landmarks" | "detector" | "crop": images}`` and lists
+    the photos where the detector found no face (``"no_face"``).
     """
     lfw_dir = Path(lfw_dir)
     pairs_path = lfw_dir / "pairs.txt" if pairs_path is None else Path(pairs_path)
@@ -144,33 +157,46 @@ def lfw_pairs(lfw_dir, pairs_path=None, size: int = 112, landmarks=None, box=LFW
     points = read_landmarks_csv(landmarks) if landmarks is not None else None
     paths = [f"{name}/{name}_{number:04d}.jpg" for a, i, b, j in pairs for name, number in ((a, i), (b, j))]
     keys = list(dict.fromkeys(paths))  # each image processed once
-    jobs = []
     for key in keys:
         if not (root / key).is_file():
             raise FileNotFoundError(f"LFW image {root / key} (named in {pairs_path}) not found")
         if points is not None and key not in points:
             raise ValueError(f"{landmarks}: no landmarks for image {key!r}")
-        face_points = None if points is None else points[key]
-        jobs.append(FaceJob(root / key, size, quality, face_points, box=None if points is not None else box))
+    source = "landmarks"
+    if points is None and detect is not None:
+        source, found = "detector", _detect(detect, [root / key for key in keys], workers, "lfw detect")
+        points = {key: found[root / key] for key in keys}
+    jobs = [FaceJob(root / key, size, quality, points[key], box=None) if points is not None and
+            points[key] is not None else FaceJob(root / key, size, quality, box=box) for key in keys]
     encoded = dict(zip(keys, map_ordered(encode_face, jobs, workers, "lfw")))
-    return [encoded[path] for path in paths], issame
+    no_face = [key for key in keys if points is not None and points[key] is None]
+    aligned = {source: len(keys) - len(no_face), "crop": len(no_face), "no_face": no_face} if points else \
+        {"crop": len(keys)}
+    return [encoded[path] for path in paths], issame, aligned
+
+
+def _detect(settings: DetectSettings, paths: list[Path], workers: int | None, desc: str) -> dict:
+    """:func:`data.detection.detect_landmarks` with this module's worker default."""
+    workers = default_workers() if workers is None else workers
+    return detect_landmarks(paths, settings, workers, desc)
 
 
 def make_bin_lfw(lfw_dir, pairs_path=None, output="lfw.bin", size: int = 112, landmarks=None,
                  crop=LFW_FACE_BOX, quality: int = 95, workers: int | None = None,
-                 force: bool = False) -> dict:
+                 force: bool = False, detect: DetectSettings | None = LFW_DETECT) -> dict:
     """Write raw LFW's pairs as an insightface ``.bin`` (6,000 pairs for the standard ``pairs.txt``).
 
-    See :func:`lfw_pairs` for ``landmarks`` / ``crop``. Refuses to replace ``output`` unless ``force``.
-    Returns a summary (see :func:`describe_pairs`).
+    See :func:`lfw_pairs` for ``landmarks`` / ``detect`` (default: the face nearest the centre) / ``crop``.
+    Refuses to replace ``output`` unless ``force``. Returns a summary (see :func:`describe_pairs`) with
+    ``aligned``: how the faces were aligned.
     """
     output = Path(output)
     refuse_overwrite([output], force)
     start = time.perf_counter()
-    images, issame = lfw_pairs(lfw_dir, pairs_path, size, landmarks, crop, quality, workers)
+    images, issame, aligned = lfw_pairs(lfw_dir, pairs_path, size, landmarks, crop, quality, workers, detect)
     write_bin(output, images, issame)
     folds = int((issame[1:] & ~issame[:-1]).sum()) + 1  # each fold starts with its same pairs
-    return describe_pairs(output, issame, folds, size, time.perf_counter() - start)
+    return {**describe_pairs(output, issame, folds, size, time.perf_counter() - start), "aligned": aligned}
 
 
 # ---------------------------------------------------------------------------------------------------- CFP
@@ -242,11 +268,15 @@ def _cfp_fiducials_path(image: Path) -> Path:
     raise FileNotFoundError(f"fiducials for {image} not found (expected {candidate})")
 
 
-def _cfp_job(image: Path, size: int, quality: int, align: bool) -> FaceJob:
+def _cfp_job(image: Path, size: int, quality: int, alignment: str, detected=None) -> FaceJob:
+    """The job of one CFP image: ``alignment`` "centre" (centred square), "fiducials", or "detect" (the
+    ``detected`` landmarks when not None, else the fiducials)."""
     if not image.is_file():
         raise FileNotFoundError(f"CFP image not found: {image}")
-    if not align:
+    if alignment == "centre":
         return FaceJob(image, size, quality)
+    if alignment == "detect" and detected is not None:
+        return FaceJob(image, size, quality, np.asarray(detected, dtype=np.float64))
     path = _cfp_fiducials_path(image)
     try:
         fiducials = np.loadtxt(path, delimiter=",", ndmin=2)
@@ -258,26 +288,48 @@ def _cfp_job(image: Path, size: int, quality: int, align: bool) -> FaceJob:
     return FaceJob(image, size, quality, points, reference)
 
 
-def cfp_pairs(cfp_dir, protocol: str, size: int = 112, align: bool = True, folds=None, quality: int = 95,
-              workers: int | None = None) -> tuple[list[bytes], np.ndarray, list]:
-    """Face crops (JPEG bytes, 2 per pair), ``issame`` and per-fold counts for one CFP protocol.
+def cfp_pairs(cfp_dir, protocol: str, size: int = 112, alignment: str = "detect", folds=None,
+              quality: int = 95, workers: int | None = None, detections: dict | None = None,
+              detect: DetectSettings = CFP_DETECT) -> tuple[list[bytes], np.ndarray, list, dict]:
+    """Face crops (JPEG bytes, 2 per pair), ``issame``, per-fold counts and how the faces were aligned, for
+    one CFP protocol.
 
-    ``align``: fiducial-driven alignment (:func:`cfp_alignment_points`); ``False`` takes the centred square.
+    ``alignment``: "detect" (default: the detector's 5 points of the main face, the fiducials where it finds
+    no face), "fiducials" (:func:`cfp_alignment_points`) or "centre" (the centred square). ``detections``:
+    ``{image path: (5, 2) points or None}`` already found (e.g. cached), used instead of running the
+    detector (``detect``) and extended in place with the images it had not. The last value counts, per
+    pose, the images aligned by ``{"detector", "fiducials"}``.
     """
+    if alignment not in CFP_ALIGNMENTS:
+        raise ValueError(f"unknown CFP alignment {alignment!r}: expected one of {', '.join(CFP_ALIGNMENTS)}")
     pairs, issame, counts = read_cfp_protocol(cfp_dir, protocol, folds)
     paths = list(dict.fromkeys(p for pair in pairs for p in pair))
-    jobs = [_cfp_job(p, size, quality, align) for p in paths]
+    if alignment == "detect":
+        detections = {} if detections is None else detections
+        missing = [p for p in paths if p not in detections]
+        if missing:
+            detections.update(_detect(detect, missing, workers, "cfp detect"))
+    found = {p: detections[p] if alignment == "detect" else None for p in paths}
+    jobs = [_cfp_job(p, size, quality, alignment, found[p]) for p in paths]
     encoded = dict(zip(paths, map_ordered(encode_face, jobs, workers, f"cfp_{protocol.lower()}")))
-    return [encoded[p] for pair in pairs for p in pair], issame, counts
+    aligned = {}
+    for p in paths:
+        by = "detector" if found[p] is not None else alignment if alignment != "detect" else "fiducials"
+        pose = aligned.setdefault(p.parent.name.lower(), {})
+        pose[by] = pose.get(by, 0) + 1
+    return [encoded[p] for pair in pairs for p in pair], issame, counts, aligned
 
 
-def make_bin_cfp(cfp_dir, output_dir, size: int = 112, protocols=("FF", "FP"), align: bool = True, folds=None,
-                 quality: int = 95, workers: int | None = None, force: bool = False) -> dict:
+def make_bin_cfp(cfp_dir, output_dir, size: int = 112, protocols=("FF", "FP"), alignment: str = "detect",
+                 folds=None, quality: int = 95, workers: int | None = None, force: bool = False,
+                 detections: dict | None = None, detect: DetectSettings = CFP_DETECT) -> dict:
     """Write ``cfp_ff.bin`` / ``cfp_fp.bin`` (7,000 pairs each for the full release) into ``output_dir``.
 
     Folds stored contiguously in order, each with its ``same.txt`` pairs then its ``diff.txt`` pairs (the
-    layout of insightface's ``cfp_ff.bin`` / ``cfp_fp.bin``: 10 contiguous folds of 350 + 350). Refuses to
-    replace existing files unless ``force``. Returns ``{"cfp_ff": summary, ...}`` (:func:`describe_pairs`).
+    layout of insightface's ``cfp_ff.bin`` / ``cfp_fp.bin``: 10 contiguous folds of 350 + 350). See
+    :func:`cfp_pairs` for ``alignment``, ``detections`` and ``detect``. Refuses to replace existing files
+    unless ``force``. Returns ``{"cfp_ff": summary, ...}`` (:func:`describe_pairs`, with ``aligned``: per
+    pose, the images aligned by the detector and by the fiducials).
     """
     output_dir = Path(output_dir)
     outputs = {p.upper(): output_dir / f"cfp_{p.lower()}.bin" for p in protocols}
@@ -285,10 +337,13 @@ def make_bin_cfp(cfp_dir, output_dir, size: int = 112, protocols=("FF", "FP"), a
     summaries = {}
     for protocol, output in outputs.items():
         start = time.perf_counter()
-        images, issame, counts = cfp_pairs(cfp_dir, protocol, size, align, folds, quality, workers)
+        detections = {} if detections is None else detections  # FF and FP share their frontal images
+        images, issame, counts, aligned = cfp_pairs(cfp_dir, protocol, size, alignment, folds, quality,
+                                                    workers, detections, detect)
         write_bin(output, images, issame)
         summary = describe_pairs(output, issame, len(counts), size, time.perf_counter() - start)
         summary["per_fold"] = [{"fold": f, "same": s, "diff": d} for f, s, d in counts]
+        summary["aligned"] = aligned
         summaries[output.stem] = summary
     return summaries
 
@@ -303,8 +358,10 @@ def describe_pairs(path, issame: np.ndarray, folds: int, size: int, seconds: flo
             "folds": folds, "image_size": size, "seconds": round(seconds, 1)}
 
 
-def load_raw_pairs(path, name: str | None = None, size: int = 112, workers: int | None = None) -> dict:
-    """Aligned pairs straight from a raw release folder, without writing a ``.bin``.
+def load_raw_pairs(path, name: str | None = None, size: int = 112, workers: int | None = None,
+                   device="cpu") -> dict:
+    """Aligned pairs straight from a raw release folder, without writing a ``.bin``; faces aligned as
+    ``make-bin`` does by default (the detector on ``device``, see :func:`lfw_pairs` and :func:`cfp_pairs`).
 
     LFW (a folder with ``pairs.txt``) -> ``{"lfw": (images, issame)}``; CFP (a folder with
     ``Protocol/Split``) -> ``{"cfp_ff": ..., "cfp_fp": ...}``; ``images`` are JPEG bytes, 2 per pair.
@@ -314,10 +371,12 @@ def load_raw_pairs(path, name: str | None = None, size: int = 112, workers: int 
     if not path.is_dir():
         raise FileNotFoundError(f"verification folder not found: {path}")
     if (path / "pairs.txt").is_file():
-        builders = {"lfw": lambda: lfw_pairs(path, size=size, workers=workers)}
+        detect = replace(LFW_DETECT, device=str(device))
+        builders = {"lfw": lambda: lfw_pairs(path, size=size, workers=workers, detect=detect)[:2]}
     elif (path / "Protocol" / "Split").is_dir():
-        builders = {f"cfp_{p.lower()}": (lambda p=p: cfp_pairs(path, p, size, workers=workers)[:2])
-                    for p in CFP_PROTOCOLS}
+        cache, detect = {}, replace(CFP_DETECT, device=str(device))  # FF and FP share their frontal images
+        build = lambda p: cfp_pairs(path, p, size, workers=workers, detections=cache, detect=detect)[:2]
+        builders = {f"cfp_{p.lower()}": (lambda p=p: build(p)) for p in CFP_PROTOCOLS}
     else:
         raise ValueError(
             f"{path}: not a raw LFW folder (pairs.txt + <Name>/<Name>_NNNN.jpg) nor a raw CFP folder "
@@ -328,3 +387,4 @@ def load_raw_pairs(path, name: str | None = None, size: int = 112, workers: int 
             raise ValueError(f"{path}: no set {name!r} here; available: {sorted(builders)}")
         builders = {name: builders[name]}
     return {key: build() for key, build in builders.items()}
+

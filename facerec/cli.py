@@ -11,6 +11,7 @@ COMMANDS = {
     "verify": "verify",
     "export": "export",
     "sn-report": "sn_report",
+    "align": "align",
     "pack": "pack",
     "make-bin": "make_bin",
     "synth": "synth",

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import load_bin
+from data import encode_image, load_bin
+from data.detection import detect_photos
 from data.recordio import MXIndexedRecordIO, unpack
 from eval.verification import l2_normalize
 
@@ -127,19 +128,47 @@ def read_image_set(path) -> ImageSet:
     return _list_file(path)
 
 
+def detect_image_set(image_set: ImageSet, settings, workers: int = 1) -> ImageSet:
+    """The faces of an image folder's or list file's photos, detected and aligned (``settings``: a
+    :class:`data.detection.DetectSettings`); each kept face is an image (``--face all``: ``path#i``).
+    Photos without a face are left out and listed in ``extra["no_face"]``."""
+    if not isinstance(image_set.images, _FileBytes):
+        raise ValueError("face detection applies to photos (an image folder or a list file), not to the "
+                         "aligned faces of a .rec or .bin")
+    images, labels, paths, no_face = [], [], [], []
+    results = detect_photos(image_set.images.paths, settings, workers, desc="detect", progress=True)
+    for i, (_, result) in enumerate(results):
+        if result.error is not None:
+            raise ValueError(result.error)
+        if not result.faces:
+            no_face.append(image_set.paths[i])
+        for k, crop in enumerate(result.crops):
+            images.append(encode_image(crop, ext=".png"))
+            paths.append(f"{image_set.paths[i]}#{k}" if settings.rule == "all" else image_set.paths[i])
+            labels.append(-1 if image_set.labels is None else image_set.labels[i])
+    if not images:
+        raise ValueError(f"no face found in any of the {len(image_set.paths)} photos")
+    return ImageSet(images, None if image_set.labels is None else np.array(labels, dtype=np.int64), paths,
+                    {**image_set.extra, "no_face": np.array(no_face, dtype=str)})
+
+
 def export_embeddings(model, input_path, output_path, input_size: int, batch_size: int = 64,
-                      flip: bool = True, device="cpu", progress: bool = True) -> dict:
+                      flip: bool = True, device="cpu", progress: bool = True, detect=None,
+                      detect_workers: int = 1) -> dict:
     """Embed every image of ``input_path`` and save them to ``output_path``.
 
     ``.npz``: ``embeddings`` (float32, L2-normalised), ``norms`` (L2 norm of each embedding before
     normalisation, so ``embeddings * norms[:, None]`` is the raw, flip-summed output), then ``labels``
     and/or ``paths`` when the input has them (``issame`` for a ``.bin``). ``.npy``: the embeddings only.
-    Returns the saved arrays.
+    ``detect`` (a :class:`data.detection.DetectSettings`): the input holds photos, whose faces are detected
+    and aligned first (:func:`detect_image_set`, ``detect_workers`` processes). Returns the saved arrays.
     """
     output_path = Path(output_path)
     if output_path.suffix not in (".npz", ".npy"):
         raise ValueError(f"output must end in .npz or .npy, got {output_path}")
     image_set = read_image_set(input_path)
+    if detect is not None:
+        image_set = detect_image_set(image_set, detect, detect_workers)
     raw = embed_images(model, image_set.images, input_size, batch_size=batch_size, flip=flip, device=device,
                        progress=progress)
     arrays = {"embeddings": l2_normalize(raw).astype(np.float32),

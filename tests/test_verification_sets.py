@@ -191,7 +191,7 @@ def test_frontal_points_mirror_across_the_midline():
 @needs_cfp
 def test_real_cfp_fold_one(tmp_path):
     """Real CFP, fold 1 of both protocols: 350 same then 350 different pairs, 112x112 aligned faces."""
-    summaries = make_bin_cfp(CFP, tmp_path, folds=(1,), workers=2)
+    summaries = make_bin_cfp(CFP, tmp_path, folds=(1,), alignment="fiducials", workers=2)
     for name in ("cfp_ff", "cfp_fp"):
         images, issame = load_bin(tmp_path / f"{name}.bin")
         assert len(images) == 1400 and issame.tolist() == [True] * 350 + [False] * 350

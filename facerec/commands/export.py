@@ -1,6 +1,8 @@
 """``run.py export``: embeddings of an image collection (.npz/.npy) and/or the backbone as ONNX."""
 from __future__ import annotations
 
+from data.pack import default_workers
+from facerec.commands.align import add_detect_arguments, detect_settings, detect_workers
 from facerec.commands.verify import add_checkpoint_arguments
 from facerec.export import export_embeddings, export_onnx
 from facerec.model_io import load_model, resolve_device
@@ -14,6 +16,12 @@ def add_arguments(parser) -> None:
                                         "train.rec, verification .bin, or a list file ('PATH [LABEL]' lines)")
     parser.add_argument("--output", metavar="FILE.npz|FILE.npy",
                         help=".npz: embeddings, norms, labels/paths; .npy: the embedding matrix only")
+    parser.add_argument("--detect", action="store_true",
+                        help="--input holds photos: detect and align their faces first (MTCNN, on --device; "
+                             "photos without a face are left out and listed)")
+    add_detect_arguments(parser, device=False)
+    parser.add_argument("--workers", type=int, default=None, help="--detect: processes (default: CPUs, at "
+                                                                   "most 8; one on a GPU)")
     parser.add_argument("--onnx", metavar="FILE.onnx", help="also save the backbone as ONNX (dynamic batch)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--no-flip", action="store_true", help="do not add the horizontal-flip embedding")
@@ -29,8 +37,12 @@ def run(args) -> int:
     model_config = checkpoint["config"]["model"]
     input_size = model_config.get("input_size", 112)
     if args.input:
+        detect = detect_settings(args, input_size, device) if args.detect else None
         arrays = export_embeddings(model, args.input, args.output, input_size, batch_size=args.batch_size,
-                                   flip=not args.no_flip, device=device)
+                                   flip=not args.no_flip, device=device, detect=detect,
+                                   detect_workers=detect_workers(device, args.workers) or default_workers())
+        for photo in arrays.get("no_face", []):
+            print(f"skipped (no face found): {photo}")
         shape = arrays["embeddings"].shape
         print(f"wrote {args.output}: {shape[0]} embeddings of size {shape[1]} ({', '.join(arrays)})")
     if args.onnx:

@@ -1,7 +1,10 @@
 """``run.py make-bin``: verification ``.bin`` files from the raw LFW or CFP release."""
 from __future__ import annotations
 
-from data.verification_sets import make_bin_cfp, make_bin_lfw
+from dataclasses import replace
+
+from data.verification_sets import CFP_ALIGNMENTS, CFP_DETECT, LFW_DETECT, make_bin_cfp, make_bin_lfw
+from facerec.commands.align import detect_workers
 
 HELP = "Build verification .bin files (insightface format) from raw LFW (pairs.txt) or CFP (FF and FP)."
 
@@ -15,7 +18,13 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pairs", metavar="FILE", help="LFW pairs file (default DIR/pairs.txt)")
     parser.add_argument("--landmarks", metavar="CSV",
                         help="LFW only: 'image,x1,y1,...,x5,y5' rows (image as Name/Name_0001.jpg) to align "
-                             "faces; default a fixed central face crop")
+                             "faces; default the MTCNN detector's landmarks of the face nearest the centre")
+    parser.add_argument("--crop", choices=["centre"],
+                        help="LFW only: 'centre' takes the fixed central face crop instead of the detector")
+    parser.add_argument("--align", choices=CFP_ALIGNMENTS, default="detect",
+                        help="CFP only: detect (default: the detector's 5 points, the release's fiducials "
+                             "where it finds no face), fiducials, or centre (the centred square)")
+    parser.add_argument("--device", default="cpu", help="device of the face detector: cpu (default), cuda")
     parser.add_argument("--protocols", default="FF,FP", help="CFP protocols to write (default FF,FP)")
     parser.add_argument("--size", type=int, default=112, help="output image side (default 112)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: CPUs, at most 8)")
@@ -28,21 +37,32 @@ def _print(name: str, summary: dict) -> None:
           f"{summary['seconds']} s")
     for fold in summary.get("per_fold", []):
         print(f"  {name} fold {fold['fold']:2d}: {fold['same']} same + {fold['diff']} different")
+    aligned = summary.get("aligned", {})
+    for photo in aligned.get("no_face", []):
+        print(f"  no face found in {photo}: centre crop used")
+    for pose, counts in aligned.items():
+        if isinstance(counts, dict):
+            print(f"  {name} {pose} images aligned by " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        elif pose != "no_face":
+            print(f"  {name} images aligned by {pose}: {counts}")
 
 
 def run(args) -> int:
     if args.lfw:
-        if args.protocols != "FF,FP":
-            raise ValueError("--protocols applies to --cfp only")
+        if args.protocols != "FF,FP" or args.align != "detect":
+            raise ValueError("--protocols and --align apply to --cfp only")
+        detect = None if args.crop else replace(LFW_DETECT, device=args.device)
         summary = make_bin_lfw(args.lfw, args.pairs, args.output, size=args.size, landmarks=args.landmarks,
-                               workers=args.workers, force=args.force)
+                               workers=detect_workers(args.device, args.workers), force=args.force,
+                               detect=detect)
         _print("lfw", summary)
         return 0
-    if args.pairs or args.landmarks:
-        raise ValueError("--pairs and --landmarks apply to --lfw only (CFP has its protocol and fiducials)")
+    if args.pairs or args.landmarks or args.crop:
+        raise ValueError("--pairs, --landmarks and --crop apply to --lfw only (CFP: --align)")
     protocols = tuple(p.strip().upper() for p in args.protocols.split(",") if p.strip())
-    summaries = make_bin_cfp(args.cfp, args.output, size=args.size, protocols=protocols,
-                             workers=args.workers, force=args.force)
+    summaries = make_bin_cfp(args.cfp, args.output, size=args.size, protocols=protocols, alignment=args.align,
+                             workers=detect_workers(args.device, args.workers), force=args.force,
+                             detect=replace(CFP_DETECT, device=args.device))
     for name, summary in summaries.items():
         _print(name, summary)
     return 0
