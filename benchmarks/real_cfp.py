@@ -10,6 +10,7 @@ fold's 700 pairs, reordered into 10 balanced sub-folds).
 
     python benchmarks/real_cfp.py --minutes 5
     python benchmarks/real_cfp.py --minutes 5 --align detect
+    python benchmarks/real_cfp.py --steps 300 --config configs/cfp_augment.yaml   # same steps, augmented
     python benchmarks/real_cfp.py --prepare-only --cache datasets/cfp   # the data configs/cfp.yaml reads
 
 Prepared data is cached (``--cache``, default: a folder in the system temp dir; ``detect/`` in it for
