@@ -3,7 +3,8 @@
 * records read per second by data.recordio vs mxnet.recordio 1.9.1 (own venv, same file; target >= 1.0x)
 * decode + flip + normalise per second in one process (FaceRecordDataset.__getitem__) vs a bare
   ``cv2.imdecode`` loop over the same records (target >= 0.85x)
-* images per second of a 2-worker build_loader
+* the same with every augmentation of ``data.augment`` switched on (p = 1, default strengths): its cost
+* images per second of a 2-worker build_loader, without and with that augmentation
 
 Builds a pack of 112x112 JPEG records (insightface layout) in a temporary directory, or reads ``--rec``.
 Usage: python -m benchmarks.bench_data [--quick] [--rec DIR_OR_REC] [--records N]
@@ -23,9 +24,11 @@ import numpy as np
 import torch
 
 from benchmarks.mxnet_env import MXNetUnavailable, run_script
+from data.augment import Augment
 from data.datasets import FaceRecordDataset
 from data.loader import build_loader
 from data.recordio import MXIndexedRecordIO, MXRecordIO, pack, unpack
+from facerec.config import defaults
 
 MXNET_READ = r'''
 import json, sys, time
@@ -119,7 +122,14 @@ def bench_reading(rec, idx, repeat):
     return ours, theirs
 
 
-def bench_decode(dataset, repeat):
+def every_augmentation():
+    """``data.augment``'s default strengths with every probability set to 1 (the most work per image)."""
+    return Augment(**{name: {**params, "p": 1.0} for name, params in defaults()["data"]["augment"].items()})
+
+
+def bench_decode(datasets, repeat):
+    """Images per second of a bare ``cv2.imdecode`` loop and of each dataset's ``__getitem__``."""
+    dataset = datasets[0]
     with MXRecordIO(dataset.path, "r") as reader:
         images = [np.frombuffer(unpack(reader.read_at(int(o)))[1], np.uint8) for o in dataset._offsets]
 
@@ -127,15 +137,16 @@ def bench_decode(dataset, repeat):
         for buf in images:
             cv2.imdecode(buf, cv2.IMREAD_COLOR)
 
-    def dataset_loop():  # results dropped as a DataLoader's collate drops them: memory is reused
+    def dataset_loop(dataset):  # results dropped as a DataLoader's collate drops them: memory is reused
         for i in range(len(dataset)):
             dataset[i]
 
     torch.manual_seed(0)
-    bare = ours = float("inf")
-    for _ in range(repeat):  # interleaved, so both see the same machine load
-        bare, ours = min(bare, best_of(1, bare_loop)), min(ours, best_of(1, dataset_loop))
-    return len(images) / bare, len(dataset) / ours
+    best = [float("inf")] * (1 + len(datasets))
+    for _ in range(repeat):  # interleaved, so all see the same machine load
+        loops = [bare_loop] + [lambda d=d: dataset_loop(d) for d in datasets]
+        best = [min(b, best_of(1, loop)) for b, loop in zip(best, loops)]
+    return [len(images) / b for b in best]
 
 
 def bench_loader(dataset, batch_size, epochs):
@@ -167,13 +178,15 @@ def main(argv=None):
             path = Path(tmp)
             build_pack(path, records)
         dataset = FaceRecordDataset(path, train=True)
+        augmented = FaceRecordDataset(path, train=True, augment=every_augmentation())
         idx = str(Path(dataset.path).with_suffix(".idx"))
         size_mb = os.path.getsize(dataset.path) / 2**20
         print(f"pack: {dataset.path} ({len(dataset)} images, {dataset.num_classes} classes, "
               f"{size_mb:.1f} MiB)")
         ours, theirs = bench_reading(dataset.path, idx, repeat)
-        bare, decode = bench_decode(dataset, repeat)
-        loader = bench_loader(dataset, batch_size=64 if args.quick else 128, epochs=1 if args.quick else 2)
+        bare, decode, decode_augmented = bench_decode([dataset, augmented], repeat)
+        loaders = [bench_loader(d, batch_size=64 if args.quick else 128, epochs=1 if args.quick else 2)
+                   for d in (dataset, augmented)]
     rows = []
     for mode in ("random", "sequential"):
         name = f"records read/s, {'read_idx shuffled keys' if mode == 'random' else 'read() sequential'}"
@@ -184,7 +197,11 @@ def main(argv=None):
             rows.append((name, ours[mode], theirs[mode], ratio))
     rows.append(("images/s/worker, decode+flip+normalise vs cv2.imdecode", decode, bare,
                  f"{decode / bare:.2f}x (target >= 0.85x)"))
-    rows.append(("images/s, build_loader 2 workers", loader, float("nan"), ""))
+    rows.append(("images/s/worker, the same + every augmentation (p=1)", decode_augmented, decode,
+                 f"{decode_augmented / decode:.2f}x of no augmentation"))
+    rows.append(("images/s, build_loader 2 workers", loaders[0], float("nan"), ""))
+    rows.append(("images/s, build_loader 2 workers, every augmentation", loaders[1], loaders[0],
+                 f"{loaders[1] / loaders[0]:.2f}x of no augmentation"))
     print(f"\n{'measure':<58} {'ours':>10} {'reference':>10}  ratio")
     for name, mine, ref, ratio in rows:
         print(f"{name:<58} {mine:>10.0f} {ref:>10.0f}  {ratio}")

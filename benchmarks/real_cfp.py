@@ -10,6 +10,7 @@ fold's 700 pairs, reordered into 10 balanced sub-folds).
 
     python -m benchmarks.real_cfp --minutes 5
     python -m benchmarks.real_cfp --minutes 5 --align detect
+    python -m benchmarks.real_cfp --steps 300 --config configs/cfp_augment.yaml   # same steps, augmented
     python -m benchmarks.real_cfp --prepare-only --cache datasets/cfp   # the data configs/cfp.yaml reads
 
 Prepared data is cached (``--cache``, default: a folder in the system temp dir; ``detect/`` in it for
@@ -32,6 +33,7 @@ import numpy as np
 from benchmarks.landmarks_cfp import DEFAULT_CACHE, cfp_detections
 from data import load_bin, pack_folder, similarity_transform, write_bin
 from data.align import ARCFACE_TEMPLATE
+from data.augment import Augment
 from data.verification_sets import cfp_alignment_points, make_bin_cfp, read_cfp_protocol
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +160,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "facerec_real_cfp")
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "cfp.yaml")
     parser.add_argument("--minutes", type=float, default=5.0, help="training time budget (default 5)")
+    parser.add_argument("--steps", type=int, help="train exactly this many steps instead of the budget's "
+                        "estimate (arms compared side by side on a shared, busy machine)")
     parser.add_argument("--test-fold", type=int, default=10)
     parser.add_argument("--align", choices=("fiducials", "detect"), default="fiducials",
                         help="align faces from the release's fiducials (default) or the MTCNN detector")
@@ -185,10 +189,14 @@ def main() -> None:
           f"identities, {info['test_identities']} test identities (fold {args.test_fold})")
     if args.prepare_only:
         return
-    step = seconds_per_step(config)
-    steps = max(10, int(args.minutes * 60 * 0.8 / step))
     run_dir = cache / "run"
-    print(f"~{step:.2f} s/step -> {steps} steps for a {args.minutes:g}-minute budget; run dir {run_dir}")
+    if args.steps:
+        steps = args.steps
+        print(f"{steps} steps (--steps); run dir {run_dir}")
+    else:
+        step = seconds_per_step(config)
+        steps = max(10, int(args.minutes * 60 * 0.8 / step))
+        print(f"~{step:.2f} s/step -> {steps} steps for a {args.minutes:g}-minute budget; run dir {run_dir}")
     command = [sys.executable, str(ROOT / "run.py"), "train", "--config", str(args.config), *args.overrides,
                f"data.train={info['train']}", f"data.verify=[{','.join(info['verify'])}]",
                f"train.max_steps={steps}", "train.resume=none", f"train.output_dir={run_dir}",
@@ -200,9 +208,10 @@ def main() -> None:
     minutes = (time.perf_counter() - start) / 60
     results = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     verified = [r for r in results if "verify" in r]
+    augment = "on" if Augment(**config["data"]["augment"]) else "off"
     print(f"\nreal CFP, fold {args.test_fold} (identities unseen in training), {args.align} alignment, "
-          f"{steps} steps in {minutes:.1f} min, {config['model']['name']} {config['model']['norm']} "
-          f"{config['model']['input_size']}px:")
+          f"augmentation {augment}, {steps} steps in {minutes:.1f} min, {config['model']['name']} "
+          f"{config['model']['norm']} {config['model']['input_size']}px:")
     for record in verified:
         text = ", ".join(f"{name} {v['accuracy'] * 100:.2f}% ± {v['accuracy_std'] * 100:.2f}"
                          for name, v in record["verify"].items())

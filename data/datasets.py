@@ -1,8 +1,9 @@
 """Face identity datasets: packed RecordIO (``train.rec``/``train.idx``/``property``) and image folders.
 
 Items are ``(float tensor (3, S, S) normalised as (x/255-0.5)/0.5, int label)``, horizontally flipped at
-random when ``train``; the tensor is a channels-last strided view (one pass over the pixels; a DataLoader's
-collate stacks items into a contiguous NCHW batch). The flip draws from a generator seeded per process
+random when ``train`` and jittered by ``augment`` (a :class:`data.augment.Augment`) when given; the
+tensor is a channels-last strided view (one pass over the pixels; a DataLoader's collate stacks items
+into a contiguous NCHW batch). The flip and the augmentation draw from a generator seeded per process
 from ``torch.initial_seed()``, which a DataLoader sets per worker from its own seed, so loading is
 reproducible. Files are opened lazily in the process that reads them (each DataLoader worker has its
 own handle) and datasets pickle without open handles.
@@ -33,9 +34,10 @@ class _FaceDataset(Dataset):
     labels: np.ndarray
     num_classes: int
 
-    def __init__(self, input_size=None, train=True):
+    def __init__(self, input_size=None, train=True, augment=None):
         self.input_size = input_size
         self.train = train
+        self.augment = augment or None
         self._pid = None
 
     def __len__(self):
@@ -51,10 +53,12 @@ class _FaceDataset(Dataset):
             raise DataError(f"{describe()}: image does not decode ({len(buf)} bytes)") from None
         if self.train and self._generator.random() < 0.5:
             image = cv2.flip(image, 1)
+        if self.augment is not None:
+            image = self.augment(image, self._generator)
         return normalised_view(image), int(self.labels[index])
 
     def _open(self):
-        """Per-process state: the flip generator (and file handles in subclasses)."""
+        """Per-process state: the flip and augmentation generator (and file handles in subclasses)."""
         self._generator = np.random.default_rng(torch.initial_seed())
         self._pid = os.getpid()
 
@@ -81,8 +85,8 @@ class FaceRecordDataset(_FaceDataset):
     ("insightface" or "records"). A missing ``.idx`` is rebuilt in memory with keys in file order, which
     recovers insightface's layout only when record 0 is the first record of the file."""
 
-    def __init__(self, path, input_size=None, train=True):
-        super().__init__(input_size, train)
+    def __init__(self, path, input_size=None, train=True, augment=None):
+        super().__init__(input_size, train, augment)
         self.path, idx_path, property_path = _record_paths(path)
         with MXIndexedRecordIO(idx_path, self.path, "r") as records:
             if not records.keys:
@@ -151,8 +155,8 @@ class FaceFolderDataset(_FaceDataset):
     Every file is checked up front (:func:`readable_image`: a JPEG/PNG/BMP that is complete); unreadable
     ones raise DataError listing them, or with ``skip_bad`` are left out (``skipped`` lists them)."""
 
-    def __init__(self, root, input_size=None, train=True, skip_bad=False):
-        super().__init__(input_size, train)
+    def __init__(self, root, input_size=None, train=True, augment=None, skip_bad=False):
+        super().__init__(input_size, train, augment)
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder {self.root} does not exist")

@@ -62,6 +62,16 @@ SYNTH = {  # data.synth: generate a synthetic RecordIO set at data.train when it
     "verify_pairs": Opt(3000, "int"),  # a multiple of 20
 }
 
+AUGMENT = {  # data.augment: jitter of training crops in the loader workers; p = probability, 0: off
+    "scale": Opt({}, {"p": Opt(0.0, "float"), "max": Opt(0.1, "float")}),  # zoom in [1 - max, 1 + max]
+    "shift": Opt({}, {"p": Opt(0.0, "float"), "max": Opt(0.05, "float")}),  # fraction of the side, per axis
+    "colour": Opt({}, {"p": Opt(0.0, "float"), "brightness": Opt(0.2, "float"),  # factors in [1 - x, 1 + x]
+                       "contrast": Opt(0.2, "float"), "saturation": Opt(0.2, "float")}),
+    "grayscale": Opt({}, {"p": Opt(0.0, "float")}),
+    "blur": Opt({}, {"p": Opt(0.0, "float"), "sigma": Opt([0.5, 1.5], "floats")}),  # Gaussian, pixels
+    "jpeg": Opt({}, {"p": Opt(0.0, "float"), "quality": Opt([30, 90], "ints")}),  # re-encoding quality
+}
+
 SCHEMA: dict[str, dict[str, Any]] = {
     "model": {
         "name": Opt("iresnet50", "str", _backbones),
@@ -88,6 +98,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "num_workers": Opt(2, "int"),
         "flip": Opt(True, "bool"),  # random horizontal flip of training images
         "bad_images": Opt("error", "str", ("error", "skip")),  # image folders: unreadable files stop the run
+        "augment": Opt({}, AUGMENT),
         "synth": Opt(None, SYNTH, nullable=True),
     },
     "optim": {
@@ -274,6 +285,12 @@ def _check_consistency(config: dict) -> None:
         raise ConfigError(f"optim.lr must be positive, got {config['optim']['lr']}")
     if config["train"]["max_steps"] is not None and config["train"]["max_steps"] < 0:
         raise ConfigError(f"train.max_steps must be >= 0 or null, got {config['train']['max_steps']}")
+    from data.augment import Augment
+
+    try:
+        Augment(**config["data"]["augment"])
+    except ValueError as error:
+        raise ConfigError(f"data.augment.{error}") from None
 
 
 def upgrade_model_section(model: dict) -> dict:

@@ -150,14 +150,18 @@ def _generate_synthetic_set(path: Path, synth: dict) -> None:
     os.replace(partial, path)
 
 
-def build_dataset(path: Path, input_size: int, flip: bool, skip_bad: bool = False):
-    """RecordIO set (``.rec`` file or directory with ``train.rec``), else an ``<identity>/<image>`` folder
-    (``skip_bad``: leave its unreadable images out instead of stopping)."""
+def build_dataset(path: Path, input_size: int, flip: bool, augment: dict | None = None,
+                  skip_bad: bool = False):
+    """RecordIO set (``.rec`` file or directory with ``train.rec``), else an ``<identity>/<image>`` folder;
+    ``augment`` is the ``data.augment`` section (None or every ``p`` 0: no augmentation); ``skip_bad``:
+    leave the folder's unreadable images out instead of stopping."""
     from data import FaceFolderDataset, FaceRecordDataset
+    from data.augment import Augment
 
+    augment = Augment(**(augment or {}))
     if path.suffix == ".rec" or (path / "train.rec").exists():
-        return FaceRecordDataset(path, input_size=input_size, train=flip)
-    return FaceFolderDataset(path, input_size=input_size, train=flip, skip_bad=skip_bad)
+        return FaceRecordDataset(path, input_size=input_size, train=flip, augment=augment)
+    return FaceFolderDataset(path, input_size=input_size, train=flip, augment=augment, skip_bad=skip_bad)
 
 
 class EpochSampler(DistributedSampler):
@@ -219,7 +223,7 @@ def build_run(config: dict, info: DistInfo) -> RunParts:
     device = info.device
     _seed_everything(tcfg["seed"])  # same on every rank: identical initial weights
     train_path = prepare_train_data(data_cfg, info)
-    dataset = build_dataset(train_path, mcfg["input_size"], data_cfg["flip"],
+    dataset = build_dataset(train_path, mcfg["input_size"], data_cfg["flip"], data_cfg["augment"],
                             skip_bad=data_cfg["bad_images"] == "skip")
     for path in data_cfg["verify"]:
         if not Path(path).is_file():

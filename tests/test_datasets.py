@@ -257,7 +257,8 @@ def test_bench_data_quick_runs(capsys):
 
     assert main(["--quick", "--records", "120", "--repeat", "1"]) == 0
     table = capsys.readouterr().out
-    for row in ("read_idx shuffled keys", "decode+flip+normalise", "build_loader 2 workers"):
+    for row in ("read_idx shuffled keys", "decode+flip+normalise", "build_loader 2 workers",
+                "every augmentation"):
         assert row in table
 
 
