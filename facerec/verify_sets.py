@@ -30,12 +30,12 @@ class VerificationSet:
 
 
 def load_verification_set(spec: str, data_dir=DEFAULT_DATA_DIR, input_size: int = 112,
-                          workers: int | None = None) -> list[VerificationSet]:
+                          workers: int | None = None, device="cpu") -> list[VerificationSet]:
     """The verification set(s) of ``spec``: a name looked up as ``<data_dir>/<name>.bin`` (or a raw release
     folder ``<data_dir>/<name>``, ``<data_dir>/cfp`` for the CFP sets), a ``.bin`` path, or a raw LFW / CFP
     release folder (both CFP protocols unless named). ``NAME=PATH`` names the set (for raw CFP, ``cfp_ff``
-    or ``cfp_fp`` picks the protocol; raw images are aligned in ``workers`` processes). A missing set raises
-    FileNotFoundError listing every place tried."""
+    or ``cfp_fp`` picks the protocol; raw images are aligned in ``workers`` processes, the detector running
+    on ``device``). A missing set raises FileNotFoundError listing every place tried."""
     name, _, given = spec.rpartition("=")
     path, data_dir = Path(given), Path(data_dir)
     if path.suffix == ".bin" or path.is_absolute() or len(path.parts) > 1:
@@ -50,7 +50,8 @@ def load_verification_set(spec: str, data_dir=DEFAULT_DATA_DIR, input_size: int 
             images, issame = load_bin(candidate)
             return [VerificationSet(name or candidate.stem, images, issame, str(candidate))]
         if candidate.is_dir():
-            found = load_raw_pairs(candidate, name=name or None, size=input_size, workers=workers)
+            found = load_raw_pairs(candidate, name=name or None, size=input_size, workers=workers,
+                                   device=device)
             return [VerificationSet(key, images, np.asarray(issame, dtype=bool), str(candidate))
                     for key, (images, issame) in found.items()]
     tried = "\n  ".join(str(c) for c in candidates)
@@ -58,12 +59,13 @@ def load_verification_set(spec: str, data_dir=DEFAULT_DATA_DIR, input_size: int 
 
 
 def load_verification_sets(specs: str, data_dir=DEFAULT_DATA_DIR, input_size: int = 112,
-                           workers: int | None = None) -> list[VerificationSet]:
+                           workers: int | None = None, device="cpu") -> list[VerificationSet]:
     """Comma-separated ``specs`` -> list of :class:`VerificationSet` (see :func:`load_verification_set`)."""
     names = [s.strip() for s in specs.split(",") if s.strip()]
     if not names:
         raise ValueError(f"no verification set given (names like {', '.join(STANDARD_SETS)} or .bin paths)")
-    return [vset for spec in names for vset in load_verification_set(spec, data_dir, input_size, workers)]
+    return [vset for spec in names
+            for vset in load_verification_set(spec, data_dir, input_size, workers, device)]
 
 
 def verify(model, vset: VerificationSet, input_size: int, batch_size: int = 64, flip: bool = True,

@@ -41,7 +41,7 @@ def run(args) -> int:
     print(f"largest weight per layer -- mean: {_dominant(layers, 'mean')}; var: {_dominant(layers, 'var')}")
     if args.dataset:
         size = checkpoint["config"]["model"].get("input_size", 112)
-        sets = load_verification_sets(args.dataset, args.data_dir, size, args.workers)
+        sets = load_verification_sets(args.dataset, args.data_dir, size, args.workers, device)
         options = {"batch_size": args.batch_size, "flip": not args.no_flip, "device": device}
         soft = {v.name: verify(model, v, size, **options)[0] for v in sets}
         hard_model = hard_select(model)

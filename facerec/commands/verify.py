@@ -4,6 +4,7 @@ from __future__ import annotations
 from eval.report import format_table, write_json, write_pair_scores_csv, write_roc_png
 from eval.verification import roc_points
 from facerec import ijb_verify
+from facerec.commands.align import detect_workers
 from facerec.distributed import resolve_device
 from facerec.model_io import build_model, load_model_checkpoint
 from facerec.outputs import check_output, writing
@@ -55,7 +56,8 @@ def run(args) -> int:
     device = resolve_device(args.device)
     checkpoint = load_model_checkpoint(args.checkpoint or args.run)
     input_size = checkpoint["config"]["model"].get("input_size", 112)
-    sets = load_verification_sets(args.dataset, args.data_dir, input_size, args.workers)
+    workers = detect_workers(device, args.workers)  # raw release folders: faces detected on the device
+    sets = load_verification_sets(args.dataset, args.data_dir, input_size, workers, device)
     model = build_model(checkpoint, checkpoint["path"], device=device)
     results, curves, scores = {}, {}, {}
     for vset in sets:
