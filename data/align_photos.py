@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .detection.photos import DetectSettings, detect_photos
 from .images import encode_image
-from .pack import IMAGE_EXTENSIONS, default_workers
+from .pack import IMAGE_EXTENSIONS
+from .workers import default_workers
 
 SKIPPED_NAME = "skipped.txt"
 

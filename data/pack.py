@@ -6,20 +6,18 @@ face, encode it (:class:`FaceJob`, :func:`encode_face`), and an order-preserving
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from .align import align_face, crop_face, read_landmarks_csv
 from .detection.photos import detect_photos, read_photo
 from .errors import DataError
 from .images import encode_image
 from .recordio import IRHeader, MXIndexedRecordIO, pack
-from .workers import exit_with, remove_dead_temporaries, worker_context
+from .workers import default_workers, map_ordered, remove_dead_temporaries
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 OUTPUT_NAMES = ("train.rec", "train.idx", "property")
@@ -62,30 +60,6 @@ def _encode_or_report(job: FaceJob) -> bytes | str:
         return encode_face(job)
     except DataError as exc:
         return str(exc)
-
-
-def default_workers() -> int:
-    """Worker processes used when none are given: the CPU count, at most 8."""
-    return max(1, min(8, os.cpu_count() or 1))
-
-
-def map_ordered(func: Callable, items: Sequence, workers: int | None = None, desc: str = "",
-                unit: str = "img", progress: bool = True) -> Iterable:
-    """``map(func, items)`` in order over ``workers`` processes (``<= 1``: in-process), with a progress bar.
-
-    ``func`` must be a module-level function (it is pickled to the workers, see ``data.workers``). A worker
-    that dies raises ``BrokenProcessPool`` here instead of leaving the map waiting.
-    """
-    workers = default_workers() if workers is None else workers
-    bar = dict(total=len(items), desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
-               disable=not progress)
-    if workers <= 1 or len(items) < 2:
-        yield from tqdm(map(func, items), **bar)
-        return
-    chunksize = max(1, min(64, len(items) // (workers * 8)))
-    with ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=exit_with,
-                             initargs=(os.getpid(),)) as pool:
-        yield from tqdm(pool.map(func, items, chunksize=chunksize), **bar)
 
 
 def refuse_overwrite(paths: Iterable[Path], force: bool) -> None:

@@ -23,8 +23,8 @@ import numpy as np
 from .bins import write_bin
 from .errors import DataError
 from .images import encode_image
-from .pack import map_ordered, write_identity_records
-from .workers import remove_dead_temporaries
+from .pack import write_identity_records
+from .workers import map_ordered, remove_dead_temporaries
 
 SUPERSAMPLE = 2  # faces are drawn at this multiple of the output size, then shrunk (anti-aliasing)
 MANIFEST = "synth.json"

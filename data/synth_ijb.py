@@ -28,8 +28,8 @@ import numpy as np
 
 from .align import template_for_size
 from .images import encode_image
-from .pack import map_ordered
 from .synth import identity_rng, image_rng, render_face, sample_traits
+from .workers import map_ordered
 
 TARGETS = {"ijbc": ("IJBC", ("G1", "G2")), "ijbb": ("IJBB", ("S1", "S2"))}
 MANIFEST = "synth_ijb.json"

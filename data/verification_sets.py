@@ -23,7 +23,8 @@ from .align import ARCFACE_TEMPLATE, read_landmarks_csv
 from .bins import write_bin
 from .detection.photos import DetectSettings, detect_landmarks
 from .errors import DataError
-from .pack import FaceJob, default_workers, encode_face, map_ordered, refuse_overwrite
+from .pack import FaceJob, encode_face, refuse_overwrite
+from .workers import default_workers, map_ordered
 
 # LFW images are a Viola-Jones face box enlarged 2.2x and scaled to 250x250: the box is the central ~114x114.
 # In such a box the eyes sit ~0.38 and the mouth ~0.78 of its height from the top and are ~0.38 of its width

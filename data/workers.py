@@ -6,7 +6,11 @@ import re
 import select
 import shutil
 import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from tqdm import tqdm
 
 # ".<name>.tmp<PID>" files (atomic writes) and ".<name>-tmp-<PID>" / ".<name>.partial-<PID>" folders
 TEMPORARY = re.compile(r"^\..+(?:\.tmp|-tmp-|\.partial-)(\d+)$")
@@ -18,6 +22,39 @@ def worker_context():
     pools can deadlock in the child."""
     method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
     return multiprocessing.get_context(method)
+
+
+def default_workers() -> int:
+    """Worker processes used when none are given: the CPU count, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _start_pool_worker(parent: int, initializer: Callable | None, initargs: tuple) -> None:
+    exit_with(parent)
+    if initializer is not None:
+        initializer(*initargs)
+
+
+def map_ordered(func: Callable, items: Sequence, workers: int | None = None, desc: str = "",
+                unit: str = "img", progress: bool = True, initializer: Callable | None = None,
+                initargs: tuple = ()) -> Iterable:
+    """``map(func, items)`` in order over ``workers`` processes (``<= 1``: in-process), with a progress bar.
+
+    The one worker pool of the data package: workers come from :func:`worker_context`, end with this
+    process (:func:`exit_with`), then run ``initializer(*initargs)`` (pool workers only). ``func`` must be
+    a module-level function (it is pickled to the workers). A worker that dies raises
+    ``BrokenProcessPool`` here instead of leaving the map waiting.
+    """
+    workers = default_workers() if workers is None else workers
+    bar = dict(total=len(items), desc=desc, unit=unit, dynamic_ncols=True, mininterval=1.0,
+               disable=not progress)
+    if workers <= 1 or len(items) < 2:
+        yield from tqdm(map(func, items), **bar)
+        return
+    chunksize = max(1, min(64, len(items) // (workers * 8)))
+    with ProcessPoolExecutor(workers, mp_context=worker_context(), initializer=_start_pool_worker,
+                             initargs=(os.getpid(), initializer, initargs)) as pool:
+        yield from tqdm(pool.map(func, items, chunksize=chunksize), **bar)
 
 
 def pid_alive(pid: int) -> bool:

@@ -278,3 +278,48 @@ def test_make_bin_lfw_aligns_with_the_detector(tmp_path, photo_folder):
     crop = make_bin_lfw(lfw, output=tmp_path / "crop.bin", size=SIZE_BIN, workers=1, detect=None)
     assert crop["aligned"] == {"crop": 3} and load_bin(tmp_path / "crop.bin")[0] != images
 
+
+
+DETECT_FOREVER = r"""
+import sys, time
+from pathlib import Path
+import cv2, numpy as np
+from data.detection import DetectSettings, detect_photos
+root = Path(sys.argv[1])
+paths = []
+for i in range(64):
+    paths.append(root / f"{i}.jpg")
+    cv2.imwrite(str(paths[-1]), np.full((64, 64, 3), 40 * (i % 5), np.uint8))
+for _ in detect_photos(paths, DetectSettings(batch=1), workers=2, progress=False):
+    print("detected", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_detection_workers_exit_when_their_parent_is_killed(tmp_path):
+    """The detector's worker pool is the data package's one pool: its workers end with the process that
+    started them, also after SIGKILL (they are the fork server's children, not the killed process's)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from benchmarks.chaos_train import alive, descendants
+
+    proc = subprocess.Popen([sys.executable, "-c", DETECT_FOREVER, str(tmp_path)], stdout=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout.readline().strip() == "detected"
+        children = descendants(proc.pid)
+        assert len(children) >= 3, children  # the fork server and the two detection workers
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in children) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [pid for pid in children if alive(pid)]
+    for pid in left:  # do not leak them into the rest of the suite
+        os.kill(pid, signal.SIGKILL)
+    assert not left

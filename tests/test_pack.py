@@ -167,7 +167,7 @@ def _parent_pid(_item):
 def test_worker_pool_never_forks_the_calling_process():
     """Forking after torch/OpenCV started their thread pools can deadlock: workers must come from a
     fork server, so none of them is a child of this (threaded) process."""
-    from data.pack import map_ordered
+    from data.workers import map_ordered
 
     parents = set(map_ordered(_parent_pid, list(range(8)), workers=2))
     assert os.getpid() not in parents

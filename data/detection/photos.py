@@ -12,7 +12,7 @@ from tqdm import tqdm
 from ..align import align_face
 from ..errors import DataError
 from ..images import decode_image
-from ..workers import worker_context
+from ..workers import map_ordered
 from .mtcnn import MTCNN, Face
 
 # "main": the largest face near the centre, i.e. the largest  box area - 2 * (squared distance of the box
@@ -126,11 +126,12 @@ def detect_photos(paths: Sequence, settings: DetectSettings, workers: int = 1,
                 bar.update(len(chunk))
                 yield from zip(chunk, found)
             return
-        with worker_context().Pool(workers, initializer=_start_worker, initargs=(settings,)) as pool:
-            tasks = [(settings, chunk) for chunk in chunks]
-            for chunk, found in zip(chunks, pool.imap(_detect_chunk, tasks)):
-                bar.update(len(chunk))
-                yield from zip(chunk, found)
+        tasks = [(settings, chunk) for chunk in chunks]
+        results = map_ordered(_detect_chunk, tasks, workers, progress=False, initializer=_start_worker,
+                              initargs=(settings,))
+        for chunk, found in zip(chunks, results):
+            bar.update(len(chunk))
+            yield from zip(chunk, found)
 
 
 def detect_landmarks(paths: Sequence, settings: DetectSettings, workers: int = 1,

@@ -1,7 +1,7 @@
 """``run.py export``: embeddings of an image collection (.npz/.npy) and/or the backbone as ONNX."""
 from __future__ import annotations
 
-from data.pack import default_workers
+from data.workers import default_workers
 from facerec.commands.align import add_detect_arguments, detect_settings, detect_workers
 from facerec.commands.verify import add_checkpoint_arguments
 from facerec.distributed import resolve_device
