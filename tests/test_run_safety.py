@@ -211,4 +211,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(config_pat
     step = int(line.split()[3])
     assert (run_dir / "checkpoints" / f"step_{step}.pt").exists(), text[-3000:]
     assert logged_steps(run_dir) == step and "the same torchrun command" in line
-    assert f'File "{ROOT}' not in text and "KeyboardInterrupt" not in text  # torchrun reports the exit codes
+    # no traceback through our code (torchrun reports the exit codes with its own, from the venv, which the
+    # README's install puts inside the repository)
+    ours = [f'File "{ROOT / name}' for name in ("run.py", "facerec", "backbones", "losses", "data", "eval")]
+    assert not any(frame in text for frame in ours) and "KeyboardInterrupt" not in text
