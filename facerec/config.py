@@ -125,6 +125,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "train": {
         "batch_size": Opt(128, "int"),  # per process
+        "virtual_devices": Opt(1, "int"),  # V: batch statistics per 1/V of each process's batch (see train.py)
         "epochs": Opt(20, "int"),
         "max_steps": Opt(None, "int", nullable=True),  # caps the run (and the schedule length)
         "output_dir": Opt(None, "path", nullable=True),
@@ -146,6 +147,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 _POSITIVE = {"model.embedding_size", "model.input_size", "model.width", "train.batch_size", "train.epochs",
+             "train.virtual_devices",
              "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.verify_batch_size",
              "data.synth.identities", "data.synth.images_per_identity", "data.synth.size"}
 
@@ -283,6 +285,10 @@ def _check_consistency(config: dict) -> None:
         raise ConfigError(f"model.dropout must be in [0, 1), got {config['model']['dropout']}")
     if config["optim"]["lr"] <= 0:
         raise ConfigError(f"optim.lr must be positive, got {config['optim']['lr']}")
+    batch, devices = config["train"]["batch_size"], config["train"]["virtual_devices"]
+    if batch % devices:
+        raise ConfigError(f"train.batch_size={batch} is not divisible by train.virtual_devices={devices}: "
+                          "each virtual device takes an equal share of the batch")
     if config["train"]["max_steps"] is not None and config["train"]["max_steps"] < 0:
         raise ConfigError(f"train.max_steps must be >= 0 or null, got {config['train']['max_steps']}")
     from data.augment import Augment
