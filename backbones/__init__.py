@@ -3,6 +3,7 @@ from .build import BACKBONES, build_backbone
 from .convert import convert_published_sn
 from .norms import NORMS, make_norm
 from .switchnorm import SwitchNorm1d, SwitchNorm2d, SyncSwitchNorm2d, hard_select, sn_mixture_weights
+from .virtual_devices import split_batch_statistics
 
 __all__ = [
     "BACKBONES",
@@ -15,4 +16,5 @@ __all__ = [
     "hard_select",
     "make_norm",
     "sn_mixture_weights",
+    "split_batch_statistics",
 ]

@@ -56,13 +56,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 class _SNOptions(NamedTuple):
     """What the SN statistics need from a layer for one call, frozen (the autograd function never sees
-    the layer): ``synced`` takes the BN term over all processes of ``process_group``."""
+    the layer): ``synced`` takes the BN term over all processes of ``process_group``; ``devices`` > 1
+    takes it per virtual device, sample ``k`` of the batch belonging to device ``k % devices``."""
 
     eps: float
     using_bn: bool
     training: bool
     synced: bool = False
     process_group: Any = None
+    devices: int = 1
 
 
 def _quiet_when_jit_tracing(fn, *args):
@@ -157,6 +159,17 @@ def _batch_stats(mean_in: torch.Tensor, var_in: torch.Tensor, opts: _SNOptions):
     return mean_bn, packed[1:] - mean_bn.square()
 
 
+def _per_device(t: torch.Tensor, devices: int) -> torch.Tensor:
+    """An (N, C) tensor viewed as (N / devices, devices, C): ``[i, v]`` is sample ``i * devices + v``, the
+    i-th sample of virtual device ``v`` (the strided split: sample k on device k % devices)."""
+    return t if devices == 1 else t.view(-1, devices, t.shape[-1])
+
+
+def _first_device(t: torch.Tensor) -> torch.Tensor:
+    """The (1, C) statistics of virtual device 0 from a (1, C) or (1, devices, C) BN term."""
+    return t if t.dim() == 2 else t[:, 0]
+
+
 def _scale_shift(mean_in, var_biased, params, running, opts: _SNOptions, *, spatial, bn_graph=False):
     """Per-(n, c) scale ``a`` and shift ``b`` of the output ``x * a + b`` (tiny (N, C) tensors).
 
@@ -165,14 +178,17 @@ def _scale_shift(mean_in, var_biased, params, running, opts: _SNOptions, *, spat
     (the traceable path), while the fused path runs it without a graph and calls ``_scale_shift_backward``
     with the returned intermediates. ``bn_graph``: record autograd for a synced BN term (its all-reduce
     has its own backward); a local one has a written-out backward. Returns ``(a, b, bn, saved)``:
-    ``bn`` the (mean_bn, var_bn) used (None without a BN term).
+    ``bn`` the (mean_bn, var_bn) used (None without a BN term): virtual device 0's with ``opts.devices`` > 1,
+    whose statistics are (N / devices, devices, C) throughout (``_per_device``).
     """
     weight, bias, mean_weight, var_weight = params
+    shape = mean_in.shape
     factor = spatial / (spatial - 1) if spatial > 1 else 0.0  # unbiased IN variance; 0 when L = 1
-    var_in = var_biased * factor
-    mean_ln = mean_in.mean(1, keepdim=True)
+    mean_in = _per_device(mean_in, opts.devices)
+    var_in = _per_device(var_biased, opts.devices) * factor
+    mean_ln = mean_in.mean(-1, keepdim=True)
     # var_ln = mean_C(var_in + mean_in^2) - mean_ln^2, written without cancellation.
-    var_ln = var_in.mean(1, keepdim=True) + (mean_in - mean_ln).square().mean(1, keepdim=True)
+    var_ln = var_in.mean(-1, keepdim=True) + (mean_in - mean_ln).square().mean(-1, keepdim=True)
     means, variances, bn, bn_leaves = [mean_in, mean_ln], [var_in, var_ln], None, None
     if opts.using_bn:
         if opts.training and bn_graph and opts.synced:
@@ -184,7 +200,7 @@ def _scale_shift(mean_in, var_biased, params, running, opts: _SNOptions, *, spat
         else:
             batch_stats = lambda: _batch_stats(mean_in, var_in, opts)
             mean_bn, var_bn = _bn_term(batch_stats, running, opts.training, mean_in.dtype)
-        bn = (mean_bn, var_bn)
+        bn = (_first_device(mean_bn), _first_device(var_bn))
         means.append(mean_bn)
         variances.append(var_bn)
     mean_w, var_w = mean_weight.softmax(0), var_weight.softmax(0)
@@ -194,7 +210,7 @@ def _scale_shift(mean_in, var_biased, params, running, opts: _SNOptions, *, spat
     shift = torch.addcmul(bias, mean, scale, value=-1)
     local_bn = opts.using_bn and opts.training and bn_leaves is None
     saved = ((*means, *variances, mean_w, var_w, mean, rstd), (factor, local_bn, bn_leaves))
-    return scale, shift, bn, saved
+    return scale.reshape(shape), shift.reshape(shape), bn, saved
 
 
 def _scale_shift_backward(grad_scale, grad_shift, scale, tensors, info):
@@ -203,17 +219,19 @@ def _scale_shift_backward(grad_scale, grad_shift, scale, tensors, info):
     means, variances = tensors[:terms], tensors[terms : 2 * terms]
     mean_w, var_w, mean, rstd = tensors[2 * terms :]
     factor, local_bn, bn_leaves = info
-    c = grad_scale.shape[1]
+    shape, c = grad_scale.shape, grad_scale.shape[1]
+    grad_scale, grad_shift, scale = (t.view(mean.shape) for t in (grad_scale, grad_shift, scale))
     g_mean = grad_shift * scale
     g_mean.neg_()
     g_scale = torch.addcmul(grad_scale, grad_shift, mean, value=-1)
-    d_weight = (g_scale * rstd).sum(0)
-    d_bias = grad_shift.sum(0)
+    d_weight = (g_scale * rstd).reshape(-1, c).sum(0)
+    d_bias = grad_shift.reshape(-1, c).sum(0)
     g_var = g_scale * scale
     g_var.mul_(rstd).mul_(rstd).mul_(-0.5)  # d rstd / d var = -rstd^3 / 2
-    # each mixture term's gradient, reduced to that term's shape: (N, C), (N, 1) LN, (1, C) BN
-    g_means = [g_mean, g_mean.sum(1, keepdim=True), g_mean.sum(0, keepdim=True)][: len(means)]
-    g_vars = [g_var, g_var.sum(1, keepdim=True), g_var.sum(0, keepdim=True)][: len(variances)]
+    # each mixture term's gradient, reduced to that term's shape: (N, C), (N, 1) LN, (1, C) BN (with
+    # virtual devices: (N/V, V, C), (N/V, V, 1), (1, V, C))
+    g_means = [g_mean, g_mean.sum(-1, keepdim=True), g_mean.sum(0, keepdim=True)][: len(means)]
+    g_vars = [g_var, g_var.sum(-1, keepdim=True), g_var.sum(0, keepdim=True)][: len(variances)]
     d_mean_weight = _softmax_backward(mean_w, _dots(g_means, means))
     d_var_weight = _softmax_backward(var_w, _dots(g_vars, variances))
     # IN term, then LN: mean_ln = mean_C(mean_in), var_ln = mean_C(var_in + (mean_in - mean_ln)^2)
@@ -221,7 +239,7 @@ def _scale_shift_backward(grad_scale, grad_shift, scale, tensors, info):
     d_mean_in = torch.addcmul(g_means[1] * (mean_w[1] / c), g_mean, mean_w[0])
     d_mean_in.addcmul_(means[0] - means[1], d_var_ln, value=2.0 / c)
     d_var_in = torch.addcmul(d_var_ln / c, g_var, var_w[0])
-    if local_bn:  # this batch's BN term: mean_N(mean_in), mean_N(var_in + (mean_in - mean_bn)^2)
+    if local_bn:  # this batch's (device's) BN term: mean_N(mean_in), mean_N(var_in + (mean_in - mean_bn)^2)
         n = grad_scale.shape[0]
         d_var_bn = g_vars[2] * var_w[2]
         d_mean_in.addcmul_(g_means[2], mean_w[2], value=1.0 / n)
@@ -234,7 +252,8 @@ def _scale_shift_backward(grad_scale, grad_shift, scale, tensors, info):
         )
         d_mean_in.add_(d_mean_bn)
         d_var_in.add_(d_var_bn)
-    return d_mean_in, d_var_in.mul_(factor), d_weight, d_bias, d_mean_weight, d_var_weight
+    return (d_mean_in.view(shape), d_var_in.mul_(factor).view(shape), d_weight, d_bias, d_mean_weight,
+            d_var_weight)
 
 
 class _SwitchNorm2dFunction(torch.autograd.Function):
@@ -384,9 +403,11 @@ class _SwitchNormBase(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     def extra_repr(self) -> str:
+        devices = getattr(self, "virtual_devices", 1)
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, terms={self.terms}, "
             f"using_moving_average={self.using_moving_average}, last_gamma={self.last_gamma}"
+            + (f", virtual_devices={devices}" if devices > 1 else "")
         )
 
 
@@ -398,16 +419,23 @@ class SwitchNorm2d(_SwitchNormBase):
     buffers (same function in train and eval; for one sample per device); ``using_moving_average=False``
     keeps a cumulative average of the batch statistics instead; ``last_gamma=True`` initialises the
     scale to 0. Eval mode: the BN term uses the running statistics, IN and LN still come from the sample.
+    ``virtual_devices`` V > 1: in training, the BN term is taken per virtual device (sample k of the
+    batch on device k % V), as V processes with one V-th of the batch each would take it; the running
+    statistics follow device 0, as process 0's do under DDP without buffer broadcast.
     See the module docstring for the conventions (running buffer init, L = 1, dtypes).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, using_bn=True, using_moving_average=True,
-                 last_gamma=False):
+                 last_gamma=False, virtual_devices=1):
         terms = ("IN", "LN", "BN") if using_bn else ("IN", "LN")
         super().__init__(num_features, terms, eps, momentum, using_moving_average, last_gamma)
+        if not isinstance(virtual_devices, int) or virtual_devices < 1:
+            raise ValueError(f"virtual_devices must be a positive int, got {virtual_devices!r}")
+        self.virtual_devices = virtual_devices
 
     def _options(self) -> _SNOptions:
-        return _SNOptions(self.eps, self.using_bn, self.training)
+        devices = self.virtual_devices if self.training and self.using_bn else 1
+        return _SNOptions(self.eps, self.using_bn, self.training, devices=devices)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = (self.weight, self.bias, self.mean_weight, self.var_weight)
@@ -418,6 +446,9 @@ class SwitchNorm2d(_SwitchNormBase):
             raise ValueError(
                 f"{type(self).__name__}: expected input (N, {self.num_features}, H, W), got {tuple(x.shape)}"
             )
+        if not tracing and x.shape[0] % opts.devices:
+            raise ValueError(f"{type(self).__name__}: a batch of {x.shape[0]} does not split into "
+                             f"virtual_devices={opts.devices} equal parts")
         if tracing:
             y, bn = _quiet_when_jit_tracing(self._forward_traceable, x, params, running, opts)
         else:
@@ -451,8 +482,9 @@ class SyncSwitchNorm2d(SwitchNorm2d):
         self.process_group = process_group
 
     def _options(self) -> _SNOptions:
+        """The BN term covers every sample of every process: ``virtual_devices`` does not split it."""
         synced = dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1
-        return super()._options()._replace(synced=synced, process_group=self.process_group)
+        return super()._options()._replace(synced=synced, process_group=self.process_group, devices=1)
 
 
 class SwitchNorm1d(_SwitchNormBase):

@@ -3,9 +3,11 @@
 Prints, per ResNet-stage shape, the median forward+backward time of each layer (runs interleaved
 side by side), the ratios SN/BN (target <= 1.3) and naive/SN (target >= 4), and the bytes each layer
 saves for backward (saved_tensors_hooks, distinct storages; target SN/BN <= 1.5). On CUDA it also
-prints the peak allocated memory of one forward+backward above the inputs.
+prints the peak allocated memory of one forward+backward above the inputs. With ``--virtual-devices V``
+(default 8; 1: off) it also times SN and BN taking their batch statistics per virtual device (the
+``train.virtual_devices`` path) in the same rotation, and prints their cost over V = 1.
 
-    python -m benchmarks.bench_norm [--device cpu|cuda] [--quick] [--threads N] [--iters K]
+    python -m benchmarks.bench_norm [--device cpu|cuda] [--quick] [--threads N] [--iters K] [--virtual-devices V]
 """
 
 import argparse
@@ -17,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from backbones.switchnorm import SwitchNorm2d
+from backbones.virtual_devices import split_batch_statistics
 
 FULL_SHAPES = [(64, 64, 56, 56), (64, 128, 28, 28), (64, 256, 14, 14), (64, 512, 7, 7)]
 QUICK_SHAPES = [(8, 64, 28, 28), (8, 128, 14, 14), (8, 256, 7, 7)]
@@ -96,7 +99,7 @@ def peak_cuda_bytes(layer, x, grad):
     return torch.cuda.max_memory_allocated(x.device) - base
 
 
-def bench_shape(shape, device, iters, warmup):
+def bench_shape(shape, device, iters, warmup, virtual_devices=1):
     torch.manual_seed(0)
     x = torch.randn(*shape, device=device).mul_(2).add_(0.5).requires_grad_()
     grad = torch.randn(*shape, device=device)
@@ -105,12 +108,16 @@ def bench_shape(shape, device, iters, warmup):
         "SN": SwitchNorm2d(shape[1]).to(device),
         "naive": NaiveSwitchNorm2d(shape[1]).to(device),
     }
+    if virtual_devices > 1:
+        split = nn.ModuleDict({"BN_V": nn.BatchNorm2d(shape[1]), "SN_V": SwitchNorm2d(shape[1])}).to(device)
+        layers.update(split_batch_statistics(split, virtual_devices).items())
     with torch.no_grad():
         diff = (layers["SN"](x) - layers["naive"](x)).abs().max().item()
     times = {name: [] for name in layers}
     order = list(layers)
     for i in range(warmup + iters):
-        for name in order[i % 3:] + order[: i % 3]:  # rotate to spread machine noise evenly
+        k = i % len(order)
+        for name in order[k:] + order[:k]:  # rotate to spread machine noise evenly
             sync(device)
             start = time.perf_counter()
             step(layers[name], x, grad)
@@ -132,13 +139,21 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small shapes, few iterations (smoke run)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--iters", type=int, default=None, help="timed iterations per layer and shape")
+    parser.add_argument("--virtual-devices", type=int, default=8, metavar="V",
+                        help="also time SN and BN with batch statistics per V virtual devices (1: off)")
     args = parser.parse_args(argv)
+    if args.virtual_devices < 1:
+        parser.error(f"--virtual-devices must be >= 1, got {args.virtual_devices}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    devices = args.virtual_devices
+    if any(shape[0] % devices for shape in shapes):
+        parser.error(f"--virtual-devices {devices} does not divide the batch of every shape "
+                     f"({', '.join(str(s[0]) for s in shapes)})")
     iters = args.iters or (3 if args.quick else 15)
     warmup = 1 if args.quick else 3
     print(f"device={device} threads={torch.get_num_threads()} iters={iters} torch={torch.__version__}")
@@ -148,10 +163,12 @@ def main(argv=None):
             f"{'saved BN MB':>13}{'SN MB':>8}{'naive MB':>10}{'SN/BN':>7}{'max|SN-naive|':>15}")
     if device.type == "cuda":
         head += f"{'peak BN MB':>12}{'SN MB':>8}{'naive MB':>10}"
+    if devices > 1:
+        head += f"{f'SN V={devices} ms':>14}{'/SN':>6}{f'BN V={devices} ms':>14}{'/BN':>6}"
     print(head)
     worst = {"sn_bn": 0.0, "naive_sn": float("inf"), "mem": 0.0}
     for shape in shapes:
-        r = bench_shape(shape, device, iters, warmup)
+        r = bench_shape(shape, device, iters, warmup, devices)
         sn_bn, naive_sn = r["SN"] / r["BN"], r["naive"] / r["SN"]
         mem = r["saved"]["SN"] / r["saved"]["BN"]
         worst = {"sn_bn": max(worst["sn_bn"], sn_bn), "naive_sn": min(worst["naive_sn"], naive_sn),
@@ -163,6 +180,9 @@ def main(argv=None):
         if device.type == "cuda":
             peak = {k: v / 2**20 for k, v in r["peak"].items()}
             line += f"{peak['BN']:>12.1f}{peak['SN']:>8.1f}{peak['naive']:>10.1f}"
+        if devices > 1:
+            line += (f"{r['SN_V']:>14.2f}{r['SN_V'] / r['SN']:>6.2f}"
+                     f"{r['BN_V']:>14.2f}{r['BN_V'] / r['BN']:>6.2f}")
         print(line, flush=True)
     verdict = lambda ok: "ok" if ok else "MISSED"  # noqa: E731
     print(f"worst SN/BN time {worst['sn_bn']:.2f} (target <= 1.3: {verdict(worst['sn_bn'] <= 1.3)}); "

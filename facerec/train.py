@@ -7,8 +7,12 @@ LOCAL_RANK), NCCL on GPUs and gloo on CPUs. Design points:
   hook) so W processes of B images step exactly like one process of W*B images.
 - The backbone is wrapped in DistributedDataParallel with ``broadcast_buffers=False``: BN/SN running
   statistics stay per process (as with plain BN); with ``model.norm`` syncsn/syncbn (or one image per
-  process) the embedding BatchNorm1d is made synchronous too, so the whole net sees global-batch
+  device) the embedding BatchNorm1d is made synchronous too, so the whole net sees global-batch
   statistics. The Partial FC head is not wrapped: it is sharded and all-gathers embeddings itself.
+- ``train.virtual_devices`` V splits each process's batch into V devices for every batch statistic
+  (``backbones.split_batch_statistics``: sample k on device k % V, the sampler's own dealing order), so
+  W processes of B images equal W * V processes of B / V images; checkpoints keep device 0's running
+  statistics (rank 0's). Gradients stay the mean over the global batch.
 - Gradient clipping (``train.grad_clip``) applies to the backbone's gradient norm, which is the same on
   every process after DDP's all-reduce; the head's shards are not clipped.
 - Progress is ``step`` (optimizer steps), ``epoch`` and ``batch`` (batches done in this epoch). A
@@ -215,7 +219,7 @@ class RunParts:
 def build_run(config: dict, info: DistInfo) -> RunParts:
     """Data, model, head, optimizer and schedule of ``config`` on this process (writes nothing to the run
     folder; generates the ``data.synth`` set when it is missing)."""
-    from backbones import build_backbone
+    from backbones import build_backbone, split_batch_statistics
     from data import load_bin
     from losses import build_head
 
@@ -235,8 +239,11 @@ def build_run(config: dict, info: DistInfo) -> RunParts:
     if tcfg["init_backbone"]:
         load_backbone_state(backbone, ckpt.backbone_state(tcfg["init_backbone"]),
                             f"train.init_backbone {tcfg['init_backbone']}")
-    if info.world_size > 1 and (mcfg["norm"] in ("syncsn", "syncbn") or tcfg["batch_size"] == 1):
+    # the embedding BatchNorm1d takes the whole global batch with synchronised norms or one image per device
+    whole_batch_embedding = mcfg["norm"] in ("syncsn", "syncbn") or tcfg["batch_size"] == tcfg["virtual_devices"]
+    if info.world_size > 1 and whole_batch_embedding:
         sync_batchnorm1d(backbone)
+    split_batch_statistics(backbone, tcfg["virtual_devices"], embedding=not whole_batch_embedding)
     channels_last = tcfg["channels_last"] and device.type == "cuda"
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes
     backbone.to(device, memory_format=torch.channels_last if channels_last else None)
