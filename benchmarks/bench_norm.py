@@ -7,7 +7,8 @@ prints the peak allocated memory of one forward+backward above the inputs. With 
 (default 8; 1: off) it also times SN and BN taking their batch statistics per virtual device (the
 ``train.virtual_devices`` path) in the same rotation, and prints their cost over V = 1.
 
-    python -m benchmarks.bench_norm [--device cpu|cuda] [--quick] [--threads N] [--iters K] [--virtual-devices V]
+    python -m benchmarks.bench_norm [--device cpu|cuda] [--quick] [--threads N] [--iters K]
+                                    [--virtual-devices V]
 """
 
 import argparse

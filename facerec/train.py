@@ -240,7 +240,8 @@ def build_run(config: dict, info: DistInfo) -> RunParts:
         load_backbone_state(backbone, ckpt.backbone_state(tcfg["init_backbone"]),
                             f"train.init_backbone {tcfg['init_backbone']}")
     # the embedding BatchNorm1d takes the whole global batch with synchronised norms or one image per device
-    whole_batch_embedding = mcfg["norm"] in ("syncsn", "syncbn") or tcfg["batch_size"] == tcfg["virtual_devices"]
+    one_image = tcfg["batch_size"] == tcfg["virtual_devices"]
+    whole_batch_embedding = mcfg["norm"] in ("syncsn", "syncbn") or one_image
     if info.world_size > 1 and whole_batch_embedding:
         sync_batchnorm1d(backbone)
     split_batch_statistics(backbone, tcfg["virtual_devices"], embedding=not whole_batch_embedding)

@@ -2,8 +2,9 @@
 
 The contract: forward outputs, loss, every gradient and the running statistics after several steps, for
 BN, SN (its fused path with the hand-written backward, and the traceable path) and GN, within float64
-tolerance (float32 for what passes through Partial FC, whose margin maths runs in float32). Sample k of the one-process batch sits on device k % V, the order in which the engine's sampler
-deals a global batch to processes (process r takes samples r, r + W, ...).
+tolerance (float32 for what passes through Partial FC, whose margin maths runs in float32). Sample k of
+the one-process batch sits on device k % V, the order in which the engine's sampler deals a global batch
+to processes (process r takes samples r, r + W, ...).
 """
 import copy
 import io
@@ -59,7 +60,8 @@ def train_steps(backbone, model, head, rows) -> dict:
         loss.backward()
         record["embeddings"].append(embeddings.detach())
         record["loss"].append(loss.item())
-        record["grads"].append({n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None})
+        record["grads"].append({n: p.grad.clone() for n, p in backbone.named_parameters()
+                                if p.grad is not None})
         optimizer.step()
     record["buffers"] = {n: b.clone() for n, b in backbone.named_buffers()}
     return record
@@ -107,7 +109,7 @@ def test_one_process_with_virtual_devices_equals_that_many_processes(norm, proce
         assert one["grads"][step].keys() == ranks[0]["grads"][step].keys()
         for name, grad in one["grads"][step].items():
             torch.testing.assert_close(grad, ranks[0]["grads"][step][name], **close,
-                                       msg=lambda m, name=name: f"step {step} {name}: {m}")
+                                       msg=lambda m, where=f"step {step} {name}": f"{where}: {m}")
     assert one["buffers"].keys() == ranks[0]["buffers"].keys()
     for name, buffer in one["buffers"].items():  # device 0's running statistics, as process 0's
         torch.testing.assert_close(buffer, ranks[0]["buffers"][name], rtol=1e-4, atol=1e-5, msg=name)
@@ -131,7 +133,8 @@ def layer_case(layer: nn.Module, x: torch.Tensor, grad: torch.Tensor, traceable:
 @pytest.mark.parametrize("kind", ["sn", "sn_traceable", "bn"])
 def test_a_layer_with_virtual_devices_equals_one_layer_per_device(kind):
     torch.manual_seed(0)
-    base = (SwitchNorm2d(6, momentum=0.3) if kind.startswith("sn") else nn.BatchNorm2d(6, momentum=0.3)).double()
+    base = SwitchNorm2d(6, momentum=0.3) if kind.startswith("sn") else nn.BatchNorm2d(6, momentum=0.3)
+    base = base.double()
     with torch.no_grad():
         for p in base.parameters():
             p.add_(0.3 * torch.randn_like(p))
