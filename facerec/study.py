@@ -241,7 +241,7 @@ def train_run(spec: RunSpec, config: dict, on_step) -> dict:
         try:
             summary = train(config, on_step=step_done)
         except TrainingDiverged as exc:
-            result.update(status="diverged", reason=str(exc), steps=reached[0] + 1)
+            result.update(status="diverged", reason=str(exc), steps=reached[0])  # steps completed
         else:
             result.update(steps=summary["steps"], verification=summary["final"])
             if summary["stopped"]:
@@ -260,8 +260,8 @@ def train_run(spec: RunSpec, config: dict, on_step) -> dict:
 
 def short_reason(reason: str | None) -> str:
     """The first clause of a divergence message (``training diverged at step 7: the loss is not finite
-    (loss nan)``), for tables."""
-    return (reason or "").split("; stopped without saving")[0]
+    (loss nan)``, without the advice after it), for tables."""
+    return (reason or "").split("; ")[0]
 
 
 def _count_images(config: dict) -> int:
@@ -305,6 +305,8 @@ def run_study(config: dict, specs: list[RunSpec], output_dir, write_report=None,
         images = {i: (train_steps(configs[i], num_images)
                       - (resume_step(specs[i].run_dir) if states[i][0] == "resume" else 0)) * specs[i].batch
                   for i in todo}
+        if not todo:
+            return results
         bar = tqdm(total=sum(images.values()), unit="img", desc="study", dynamic_ncols=True, smoothing=0.1)
         try:
             for number, i in enumerate(todo):

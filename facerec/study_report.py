@@ -233,7 +233,8 @@ def write_accuracy_png(path, specs, results, set_names: list[str]) -> None:
         diverged = any(r is not None and r["status"] == "diverged" for r in results)
         ax.set_title(f"{name} (x: diverged)" if diverged else name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

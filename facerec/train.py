@@ -54,7 +54,7 @@ from facerec.model_io import load_backbone_state, model_kwargs
 from facerec.optim import build_optimizer, build_schedule, param_groups
 from facerec.run_folder import RunLock, move_previous_run
 from facerec.stop import StopRequest
-from facerec.verify_sets import VerificationSet, verify
+from facerec.verify_sets import NonFiniteEmbeddings, VerificationSet, verify
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -429,9 +429,16 @@ class Trainer:
 
     def verify(self) -> dict:
         """Accuracy on each ``data.verify`` set (rank 0; others wait); updates ``best`` and ``best.pt``."""
-        results = {}
+        results, failure = {}, None
         if self.info.is_main and self.parts.verify_sets:
-            results = self._accuracies(self.parts.backbone)
+            try:
+                results = self._accuracies(self.parts.backbone)
+            except NonFiniteEmbeddings as exc:  # finite weights, yet eval mode overflows: diverged too
+                failure = f"training diverged by step {self.step}: {exc}; lower optim.lr or raise the warmup"
+        failure = broadcast_object(failure)  # every rank stops
+        if failure:
+            raise TrainingDiverged(failure)
+        if results:
             mean_acc = sum(r["accuracy"] for r in results.values()) / len(results)
             improved = mean_acc > self.best.get("accuracy", -1.0)
             if improved:
