@@ -126,7 +126,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
     "train": {
         "batch_size": Opt(128, "int"),  # per process
-        "virtual_devices": Opt(1, "int"),  # V: batch statistics per 1/V of each process's batch (see train.py)
+        "virtual_devices": Opt(1, "int"),  # V: batch statistics per 1/V of each process's batch (train.py)
         "epochs": Opt(20, "int"),
         "max_steps": Opt(None, "int", nullable=True),  # caps the run (and the schedule length)
         "output_dir": Opt(None, "path", nullable=True),
