@@ -110,7 +110,8 @@ def plan_study(config: dict, output_dir, norms=None, settings=None, quick: bool 
             lr = base_lr * gpus * per_device / reference
             overrides = {"model.norm": norm, "train.virtual_devices": gpus,
                          "train.batch_size": gpus * per_device, "optim.lr": lr,
-                         "train.output_dir": str(run_dir), "train.progress": False, "train.verify_every": 0}
+                         "train.output_dir": str(run_dir), "train.resume": "auto", "train.progress": False,
+                         "train.verify_every": 0}
             if norm in SN_NORMS and per_device == 1:
                 overrides["model.norm_kwargs.using_bn"] = False
             specs.append(RunSpec(norm, gpus, per_device, lr, run_dir, overrides))

@@ -78,17 +78,24 @@ def accuracy_table(specs, results, name: str) -> str:
     return _markdown_table([""] + [label(g, b) for g, b, _, _ in columns], rows)
 
 
+def duration(seconds: float) -> str:
+    """``1h02m``, ``3m12s`` or ``5s``."""
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+
+
 def time_table(specs, results) -> str:
-    """Wall time of each run in minutes (including verification; resumed runs: all their sessions)."""
+    """Wall time of each run (including verification; resumed runs: all their sessions)."""
     found, columns = _by_key(specs, results), setting_columns(specs)
     rows = []
     for norm in norm_rows(specs):
         cells = []
         for g, b, _, _ in columns:
             result = found.get((norm, g, b))
-            cells.append(PENDING if result is None else f"{result['seconds'] / 60:.1f}")
+            cells.append(PENDING if result is None else duration(result["seconds"]))
         rows.append([norm.upper()] + cells)
-    return _markdown_table(["minutes"] + [label(g, b) for g, b, _, _ in columns], rows)
+    return _markdown_table(["wall time"] + [label(g, b) for g, b, _, _ in columns], rows)
 
 
 def sn_summary(layers: list[dict]) -> dict:
@@ -180,8 +187,8 @@ def format_markdown(config: dict, specs, results, set_names: list[str], wall_sec
                                f"{short_reason(r['reason'])}" for s, r in diverged))
     total = sum(r["seconds"] for r in done)
     parts += ["## Wall time", time_table(specs, results),
-              f"{len(done)} of {len(specs)} runs finished; their runs took {total / 3600:.2f} h in all; "
-              f"this invocation of the study {wall_seconds / 3600:.2f} h."]
+              f"{len(done)} of {len(specs)} runs finished; their runs took {duration(total)} in all; "
+              f"this invocation of the study {duration(wall_seconds)}."]
     for norm in norm_rows(specs):
         entries = sn_entries(specs, results, norm)
         if entries:

@@ -47,6 +47,7 @@ def test_plan_scales_lr_with_the_batch_and_sets_virtual_devices():
         assert cfg["train"]["virtual_devices"] == gpus and cfg["train"]["batch_size"] == gpus * per_device
         assert cfg["train"]["output_dir"] == str(Path("out", f"sn_{setting}"))
         assert cfg["train"]["verify_every"] == 0 and cfg["train"]["progress"] is False
+        assert cfg["train"]["resume"] == "auto"
         assert cfg["model"]["norm_kwargs"] == ({"using_bn": False} if per_device == 1 else {})
     quick = plan_study(config, "out", norms=["bn", "sn"], quick=True)
     assert [(s.norm, s.setting) for s in quick[:2]] == [("bn", "8x32"), ("sn", "8x32")]
