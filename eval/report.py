@@ -125,8 +125,10 @@ def format_sn_table(layers: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_sn_png(path, layers: list[dict], title: str = "") -> None:
-    """Stacked bars of the IN/LN/BN weights per SN layer, for the mean (top) and the variance (bottom)."""
+def write_sn_png(path, layers: list[dict], title: str = "", xlabel: str = "SN layer (network order)",
+                 tick_names: bool = False) -> None:
+    """Stacked bars of the IN/LN/BN weights per SN layer, for the mean (top) and the variance (bottom);
+    ``tick_names``: label each bar with its entry's ``name`` (e.g. one summary entry per setting)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,7 +148,9 @@ def write_sn_png(path, layers: list[dict], title: str = "") -> None:
         ax.set_ylabel(f"{kind} weight")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="center right")
     axes[0].set_title(title or "Switchable Normalization importance weights per layer")
-    axes[1].set_xlabel("SN layer (network order)")
+    axes[1].set_xlabel(xlabel)
+    if tick_names:
+        axes[1].set_xticks(x, [layer["name"] for layer in layers])
     fig.tight_layout(rect=(0, 0, 0.9, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)

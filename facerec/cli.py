@@ -15,6 +15,7 @@ COMMANDS = {
     "pack": "pack",
     "make-bin": "make_bin",
     "synth": "synth",
+    "study": "study",
 }
 
 

@@ -1,6 +1,7 @@
 """Training configuration: schema with defaults, YAML loading with ``base:`` inheritance, dotted overrides.
 
-A config is a plain nested dict with the sections ``model, head, data, optim, schedule, train``. Every key
+A config is a plain nested dict with the sections ``model, head, data, optim, schedule, train, study``
+(``study`` is read by ``run.py study`` only; training ignores it). Every key
 has a default (``SCHEMA``); files and ``section.key=value`` overrides only change what they name. Unknown
 keys, wrong types and bad choices are refused with a :class:`ConfigError` naming the dotted key.
 
@@ -144,11 +145,19 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "seed": Opt(0, "int"),
         "progress": Opt(True, "bool"),  # tqdm bar on rank 0
     },
+    "study": {  # run.py study (facerec/study.py): one training run per (norm, setting); train ignores it
+        "norms": Opt(["bn", "gn", "sn"], "strs"),
+        # "GxB": G GPUs (train.virtual_devices) x B images each; the SN paper's columns
+        "settings": Opt(["8x32", "8x16", "8x8", "8x4", "8x2", "1x16", "1x32", "8x1", "1x8"], "strs"),
+        "quick_settings": Opt(["8x32", "8x4", "8x2", "8x1"], "strs"),  # run.py study --quick
+        "reference_batch": Opt(256, "int"),  # the total batch at which optim.lr applies; scaled linearly
+    },
 }
 
 _POSITIVE = {"model.embedding_size", "model.input_size", "model.width", "train.batch_size", "train.epochs",
              "train.virtual_devices",
              "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.verify_batch_size",
+             "study.reference_batch",
              "data.synth.identities", "data.synth.images_per_identity", "data.synth.size"}
 
 
@@ -210,7 +219,8 @@ def _fill(given: dict, schema: dict, prefix: str) -> dict:
 
 
 _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
-          "path": "a path string", "paths": "a list of paths", "ints": "a list of integers",
+          "path": "a path string", "paths": "a list of paths", "strs": "a list of strings",
+          "ints": "a list of integers",
           "floats": "a list of numbers", "dict": "a mapping"}
 
 
@@ -241,8 +251,8 @@ def _check(name: str, value: Any, opt: Opt) -> Any:
     elif kind in ("str", "path"):
         if not isinstance(value, str) or not value:
             raise bad
-    elif kind in ("paths", "ints", "floats"):
-        item_type = {"paths": str, "ints": int, "floats": (int, float)}[kind]
+    elif kind in ("paths", "strs", "ints", "floats"):
+        item_type = {"paths": str, "strs": str, "ints": int, "floats": (int, float)}[kind]
         if kind == "floats" and isinstance(value, list):
             value = [_yaml11_float(v) for v in value]
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -289,6 +299,9 @@ def _check_consistency(config: dict) -> None:
     if batch % devices:
         raise ConfigError(f"train.batch_size={batch} is not divisible by train.virtual_devices={devices}: "
                           "each virtual device takes an equal share of the batch")
+    from facerec.study import check_study_section
+
+    check_study_section(config["study"])
     if config["train"]["max_steps"] is not None and config["train"]["max_steps"] < 0:
         raise ConfigError(f"train.max_steps must be >= 0 or null, got {config['train']['max_steps']}")
     from data.augment import Augment

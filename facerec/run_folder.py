@@ -18,8 +18,9 @@ class RunLock:
     The file names the holder (PID and host) for a refused run's message. The kernel drops the lock when
     its holder dies, however it dies, so a lock left by a dead process is simply taken over."""
 
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, option: str = "train.output_dir"):
         self.run_dir = Path(run_dir)
+        self.option = option  # how the folder was given, for the refusal's message
         self.path = self.run_dir / LOCK_FILE
         self._file = None
 
@@ -33,8 +34,8 @@ class RunLock:
             file.seek(0)
             holder = file.read().strip() or "another process"
             file.close()
-            raise ValueError(f"train.output_dir {self.run_dir} is in use by {holder} (lock {self.path}): "
-                             "wait for that run to end, stop it, or choose another train.output_dir"
+            raise ValueError(f"{self.option} {self.run_dir} is in use by {holder} (lock {self.path}): "
+                             f"wait for that run to end, stop it, or choose another {self.option}"
                              ) from None
         file.seek(0)
         file.truncate()

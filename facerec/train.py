@@ -58,7 +58,7 @@ from facerec.model_io import load_backbone_state, model_kwargs
 from facerec.optim import build_optimizer, build_schedule, param_groups
 from facerec.run_folder import RunLock, move_previous_run
 from facerec.stop import StopRequest
-from facerec.verify_sets import VerificationSet, verify
+from facerec.verify_sets import NonFiniteEmbeddings, VerificationSet, verify
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,11 +67,12 @@ class TrainingDiverged(ValueError):
     """The loss (or the weights) became NaN/inf; the message says where and what to try."""
 
 
-def train(config: dict) -> dict:
+def train(config: dict, on_step=None) -> dict:
     """Run (or resume) the training described by ``config`` (see :mod:`facerec.config`).
 
     Returns a summary dict (``steps, seconds, run_dir, final, best``, and ``stopped``: the signal's name
-    when SIGINT/SIGTERM stopped the run early, else None) on every rank.
+    when SIGINT/SIGTERM stopped the run early, else None) on every rank. ``on_step(step, total_steps)``,
+    if given, is called after each optimizer step (e.g. to drive a progress display of several runs).
     """
     info = init_distributed(config["train"]["device"])
     lock = RunLock(config["train"]["output_dir"])
@@ -85,7 +86,7 @@ def train(config: dict) -> dict:
         refusal = broadcast_object(refusal)  # every rank stops, none waits for rank 0
         if refusal:
             raise ValueError(refusal)
-        return Trainer(build_run(config, info)).fit()
+        return Trainer(build_run(config, info), on_step=on_step).fit()
     finally:
         lock.release()
         cleanup()
@@ -282,8 +283,9 @@ class Trainer:
     when starting over, temporary files of dead processes removed, ``config.yaml``) and opens the log, so
     :meth:`verify` works before :meth:`fit`."""
 
-    def __init__(self, parts: RunParts):
+    def __init__(self, parts: RunParts, on_step=None):
         self.parts = parts
+        self.on_step = on_step  # called as on_step(step, total_steps) after each optimizer step
         self.config, self.info = parts.config, parts.info
         self.tcfg = self.config["train"]
         self.device = self.info.device
@@ -435,9 +437,16 @@ class Trainer:
 
     def verify(self) -> dict:
         """Accuracy on each ``data.verify`` set (rank 0; others wait); updates ``best`` and ``best.pt``."""
-        results = {}
+        results, failure = {}, None
         if self.info.is_main and self.parts.verify_sets:
-            results = self._accuracies(self.parts.backbone)
+            try:
+                results = self._accuracies(self.parts.backbone)
+            except NonFiniteEmbeddings as exc:  # finite weights, yet eval mode overflows: diverged too
+                failure = f"training diverged by step {self.step}: {exc}; lower optim.lr or raise the warmup"
+        failure = broadcast_object(failure)  # every rank stops
+        if failure:
+            raise TrainingDiverged(failure)
+        if results:
             mean_acc = sum(r["accuracy"] for r in results.values()) / len(results)
             improved = mean_acc > self.best.get("accuracy", -1.0)
             if improved:
@@ -557,6 +566,8 @@ class Trainer:
                 window_loss, window_n = window_loss + loss, window_n + 1
                 lr = parts.optimizer.param_groups[0]["lr"]
                 self.log.progress(self.step, loss=loss, lr=lr, epoch=self.epoch)
+                if self.on_step is not None:
+                    self.on_step(self.step, parts.total_steps)
                 if self.step % tcfg["log_every"] == 0 or self.step == parts.total_steps:
                     now = time.time()
                     ips = window_n * parts.global_batch / max(now - window_t, 1e-9)

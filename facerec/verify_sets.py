@@ -19,6 +19,10 @@ HOW_TO_GET = ("the standard .bin files ship in insightface's packed training-set
               "such a folder, or build a .bin from the raw public release with `run.py make-bin`")
 
 
+class NonFiniteEmbeddings(ValueError):
+    """A model gave NaN or inf embeddings (its weights or running statistics have diverged)."""
+
+
 @dataclass
 class VerificationSet:
     """2P encoded images (pair i = images 2i, 2i+1), P booleans, a display name and where it came from."""
@@ -74,6 +78,10 @@ def verify(model, vset: VerificationSet, input_size: int, batch_size: int = 64, 
     embeddings, norms = embed_images(model, vset.images, input_size, batch_size=batch_size, flip=flip,
                                      device=device, with_norms=True,
                                      describe=lambda i: f"{vset.source}: image {i} (pair {i // 2})")
+    finite = np.isfinite(embeddings).all(axis=1)
+    if not finite.all():
+        raise NonFiniteEmbeddings(f"{vset.source}: the model's embeddings of {int((~finite).sum())} of "
+                                  f"{len(finite)} images are not finite (NaN or inf)")
     try:
         metrics = evaluate(embeddings, vset.issame, folds=folds, norms=norms)
     except ValueError as exc:
