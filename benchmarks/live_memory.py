@@ -3,11 +3,14 @@ the same count for fake (meta-backed) tensors, so the memory of a step too large
 from the very code that runs it.
 
 :class:`LiveTensorBytes` sees every tensor an aten operator returns (forward, backward and optimizer
-ops alike) and counts each storage once, from its creation until the last tensor using it is freed.
-Tensors that exist before the block (parameters, optimizer state) are not counted: the peak is the
-block's extra memory.  Under ``FakeTensorMode`` the few data-dependent operators (``nonzero``,
-``unique``, boolean-mask indexing, ``.item()``) have no shape to compute; they are given their upper
-bound (every element selected / unique) and ``.item()`` returns 0.  Sparse tensors count their indices
+ops alike) and counts each new storage once, from its creation until the last tensor using it is
+freed (views and in-place results allocate nothing).  Tensors that exist before the block (parameters,
+optimizer state) are not counted: the peak is the block's extra memory.  Scratch memory inside an
+operator's kernel is not a tensor and is not seen.
+
+Under ``FakeTensorMode`` the few data-dependent operators (``nonzero``, ``unique``, boolean-mask
+indexing, ``.item()``) have no shape to compute; they are given their upper bound (every element
+selected / unique) and ``.item()`` returns 0.  Sparse tensors count their indices
 and values; fake sparse tensors do not carry them, so they are held here, and a sparse result of a
 sparse input (clone, coalesce) gets new ones of the input's size (an upper bound for coalesce).
 """
@@ -38,8 +41,8 @@ class LiveTensorBytes(TorchDispatchMode):
         out = self._fake_data_dependent(func, args) if self.fake else None
         if out is None:
             out = func(*args, **(kwargs or {}))
-        if isinstance(out, (int, float, bool)):
-            return out
+        if isinstance(out, (int, float, bool)) or any(r.alias_info for r in func._schema.returns):
+            return out  # views and in-place results allocate nothing (their storage is counted or older)
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor):
                 self._count(tensor, func, args)

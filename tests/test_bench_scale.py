@@ -14,8 +14,9 @@ MIB = 2**20
 
 
 def test_live_tensor_bytes_counts_each_storage_while_it_lives():
-    before = torch.zeros(1000)  # existed before the block: not counted
+    before = torch.zeros(1024, 1024)  # 4 MiB that existed before the block: not counted
     with LiveTensorBytes() as live:
+        before.mul_(2)[:10].add_(1)  # in place and a view: nothing new
         a = torch.ones(256, 1024)  # 1 MiB
         view = a[:10]  # same storage
         b = a * 2  # 2 MiB alive
