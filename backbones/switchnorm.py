@@ -157,6 +157,10 @@ def _batch_stats(mean_in: torch.Tensor, var_in: torch.Tensor, opts: _SNOptions):
     return mean_bn, packed[1:] - mean_bn.square()
 
 
+def _as_is(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def _scale_shift(mean_in, var_biased, params, running, opts: _SNOptions, *, spatial, bn_graph=False):
     """Per-(n, c) scale ``a`` and shift ``b`` of the output ``x * a + b`` (tiny (N, C) tensors).
 
@@ -176,7 +180,9 @@ def _scale_shift(mean_in, var_biased, params, running, opts: _SNOptions, *, spat
     means, variances, bn, bn_leaves = [mean_in, mean_ln], [var_in, var_ln], None, None
     if opts.using_bn:
         if opts.training and bn_graph and opts.synced:
-            with torch.enable_grad():
+            # saved as they are even inside an activation checkpoint: the nested autograd.grad of the
+            # backward would otherwise recompute the whole checkpointed stage once per layer
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
                 bn_leaves = (mean_in.detach().requires_grad_(), var_in.detach().requires_grad_())
                 mean_bn, var_bn = _batch_stats(*bn_leaves, opts)
             bn_leaves += (mean_bn, var_bn)

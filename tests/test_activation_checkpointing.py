@@ -51,3 +51,43 @@ def test_config_key_reaches_the_backbone_and_builds_for_export():
     assert load_config(None)["model"]["activation_checkpointing"] is False
     old = {k: v for k, v in config["model"].items() if k != "activation_checkpointing"}
     assert build_backbone(**model_kwargs({"model": old})).activation_checkpointing is False
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    """One DDP step of a SyncSN iresnet18 without and with checkpointing (its norms all-reduce also
+    while they are recomputed in backward, between DDP's gradient all-reduces)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for checkpointed in (False, True):
+            torch.manual_seed(0)
+            model = build_backbone("iresnet18", norm="syncsn", embedding_size=16, input_size=32, width=8,
+                                   activation_checkpointing=checkpointed)
+            ddp = DistributedDataParallel(model, broadcast_buffers=False, bucket_cap_mb=0.01)
+            calls = []
+            model.layer2.register_forward_pre_hook(lambda *_, seen=calls: seen.append(1))
+            images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
+            ddp(images).square().mean().backward()
+            results[checkpointed] = ({k: p.grad for k, p in model.named_parameters() if p.grad is not None},
+                                     dict(model.named_buffers()), len(calls))
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_checkpointing_under_ddp_with_synchronised_norms(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        (grads, buffers, calls), (grads_c, buffers_c, calls_c) = results[False], results[True]
+        assert (calls, calls_c) == (1, 2)  # recomputed once, not once per SyncSN layer
+        for key in grads:
+            torch.testing.assert_close(grads_c[key], grads[key], rtol=1e-5, atol=1e-6, msg=key)
+        for key in buffers:
+            torch.testing.assert_close(buffers_c[key], buffers[key], rtol=0, atol=0, msg=key)
