@@ -20,9 +20,9 @@ activation checkpointing; tables printed, plots written as PNG to ``--out``.
 On a 2-core machine, 4 processes share 2 cores: figures at 4 processes measure that contention, not the
 interconnect.
 
-    python -m benchmarks.bench_scale                  # everything (~10 minutes on a quiet machine)
+    python -m benchmarks.bench_scale                  # everything (15 min on the busy 2-core machine)
     python -m benchmarks.bench_scale --only pfc ddp   # some sections
-    python -m benchmarks.bench_scale --quick          # smoke run (~1 minute)
+    python -m benchmarks.bench_scale --quick          # smoke run (2.6 min there)
 """
 from __future__ import annotations
 
@@ -389,7 +389,7 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"), help="folder for the PNG plots")
-    parser.add_argument("--quick", action="store_true", help="smoke run of every section (~1 minute)")
+    parser.add_argument("--quick", action="store_true", help="smoke run of every section, small sizes")
     parser.add_argument("--budget-gib", type=float, default=4.0,
                         help="measure Partial FC sizes whose processes together fit in this (default 4)")
     args = parser.parse_args(argv)
