@@ -38,6 +38,7 @@ def build_backbone(
     width: int = 64,
     dropout: float = 0.0,
     zero_init_residual: bool = False,
+    activation_checkpointing: bool = False,
     **norm_kwargs,
 ) -> nn.Module:
     """Build backbone ``name`` mapping (N, 3, input_size, input_size) to (N, embedding_size).
@@ -45,6 +46,8 @@ def build_backbone(
     Every 2-D norm is ``make_norm(norm, num_features, **norm_kwargs)``; the embedding head keeps a
     BatchNorm1d with its scale fixed at 1.  ``zero_init_residual=True`` zero-initialises the scale of
     each residual block's last norm (any norm with a weight), as torchvision's option of that name.
+    ``activation_checkpointing=True`` recomputes each of the 4 stages in the backward pass of training
+    steps instead of keeping its activations (running statistics are still updated once per step).
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
@@ -65,4 +68,5 @@ def build_backbone(
         width=width,
         dropout=dropout,
         zero_init_residual=bool(zero_init_residual),
+        activation_checkpointing=bool(activation_checkpointing),
     )

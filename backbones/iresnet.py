@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .checkpointing import run_stages
+
 NormLayer = Callable[[int], nn.Module]
 
 
@@ -84,6 +86,8 @@ class IResNet(nn.Module):
         dropout: dropout probability before ``fc``.
         zero_init_residual: zero-initialise the scale of each block's last norm (as torchvision), so
             each residual branch starts as the identity.
+        activation_checkpointing: in training, recompute each stage's activations in the backward pass
+            instead of keeping them (less memory, about one more forward pass of time); eval is unaffected.
     """
 
     def __init__(
@@ -95,12 +99,14 @@ class IResNet(nn.Module):
         width: int = 64,
         dropout: float = 0.0,
         zero_init_residual: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"IResNet needs 4 stage depths, got {list(layers)}")
         if input_size % 16:
             raise ValueError(f"input_size must be a multiple of 16, got {input_size}")
+        self.activation_checkpointing = activation_checkpointing
         self.inplanes = width
         self.conv1 = conv3x3(3, width)
         self.bn1 = norm_layer(width)
@@ -125,6 +131,7 @@ class IResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prelu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = run_stages((self.layer1, self.layer2, self.layer3, self.layer4), x,
+                       self.activation_checkpointing and self.training and torch.is_grad_enabled())
         x = self.dropout(self.bn2(x))
         return self.features(self.fc(torch.flatten(x, 1)))

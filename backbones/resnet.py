@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .checkpointing import run_stages
 from .iresnet import NormLayer, conv3x3, embedding_head_norm, init_convs, zero_init_last_norms
 
 
@@ -155,7 +156,8 @@ class ResNet(nn.Module):
         layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for depth 50.
         block: one of BasicBlock, Bottleneck (v1) or PreActBasicBlock, PreActBottleneck (v2).
         norm_layer: factory ``norm_layer(num_features) -> nn.Module`` used for every 2-D norm.
-        embedding_size, width, dropout, zero_init_residual: as :class:`backbones.iresnet.IResNet`.
+        embedding_size, width, dropout, zero_init_residual, activation_checkpointing: as
+            :class:`backbones.iresnet.IResNet`.
         input_size: accepted for a uniform builder signature; global average pooling makes the head
             independent of it (the stride-32 network leaves a 1x1 map at 32x32 input).
     """
@@ -170,12 +172,14 @@ class ResNet(nn.Module):
         width: int = 64,
         dropout: float = 0.0,
         zero_init_residual: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if len(layers) != 4:
             raise ValueError(f"ResNet needs 4 stage depths, got {list(layers)}")
         if input_size % 16:
             raise ValueError(f"input_size must be a multiple of 16, got {input_size}")
+        self.activation_checkpointing = activation_checkpointing
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.sn1 = norm_layer(width)
@@ -204,7 +208,8 @@ class ResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.sn1(self.conv1(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = run_stages((self.layer1, self.layer2, self.layer3, self.layer4), x,
+                       self.activation_checkpointing and self.training and torch.is_grad_enabled())
         if self.sn_out is not None:
             x = self.relu(self.sn_out(x))
         x = self.dropout(torch.flatten(self.avgpool(x), 1))

@@ -170,6 +170,10 @@ def _first_device(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t[:, 0]
 
 
+def _as_is(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
 def _scale_shift(mean_in, var_biased, params, running, opts: _SNOptions, *, spatial, bn_graph=False):
     """Per-(n, c) scale ``a`` and shift ``b`` of the output ``x * a + b`` (tiny (N, C) tensors).
 
@@ -192,7 +196,9 @@ def _scale_shift(mean_in, var_biased, params, running, opts: _SNOptions, *, spat
     means, variances, bn, bn_leaves = [mean_in, mean_ln], [var_in, var_ln], None, None
     if opts.using_bn:
         if opts.training and bn_graph and opts.synced:
-            with torch.enable_grad():
+            # saved as they are even inside an activation checkpoint: the nested autograd.grad of the
+            # backward would otherwise recompute the whole checkpointed stage once per layer
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
                 bn_leaves = (mean_in.detach().requires_grad_(), var_in.detach().requires_grad_())
                 mean_bn, var_bn = _batch_stats(*bn_leaves, opts)
             bn_leaves += (mean_bn, var_bn)

@@ -149,8 +149,9 @@ def bench_decode(datasets, repeat):
     return [len(images) / b for b in best]
 
 
-def bench_loader(dataset, batch_size, epochs):
-    loader = build_loader(dataset, batch_size=batch_size, num_workers=2, seed=0)
+def bench_loader(dataset, batch_size, epochs, num_workers=2):
+    """Images per second of ``build_loader`` over ``epochs`` epochs, its workers started beforehand."""
+    loader = build_loader(dataset, batch_size=batch_size, num_workers=num_workers, seed=0)
     next(iter(loader))  # start the (persistent) workers
     start, count = time.perf_counter(), 0
     for _ in range(epochs):

@@ -77,6 +77,41 @@ def state_bytes(pfc: PartialFC, optimizer: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+def build_head_run(dim: int, classes: int, rate: float, device: torch.device) -> dict:
+    """A PartialFC (ArcFace, ``classes`` centres, or this process's shard of them under a process group)
+    with SGD (momentum 0.9, weight decay 5e-4) attached; times and peaks are filled in by the steps."""
+    pfc = PartialFC(dim, classes, ArcFace(), sample_rate=rate)
+    if pfc.weight.device != device:  # (not .to() on fake tensors, which cannot be swapped)
+        pfc.to(device)
+    opt = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    pfc.attach_optimizer(opt)
+    return {"rate": rate, "pfc": pfc, "opt": opt, "times": [], "peaks": []}
+
+
+def head_step(run: dict, embeddings: torch.Tensor, labels: torch.Tensor) -> None:
+    """zero_grad + forward + backward + optimizer step of ``run``'s PartialFC."""
+    run["opt"].zero_grad(set_to_none=True)
+    embeddings.grad = None
+    run["pfc"](embeddings, labels).backward()
+    run["opt"].step()
+
+
+def time_alternating(runs: list[dict], embeddings, labels, device: torch.device, warmup: int,
+                     steps: int) -> None:
+    """Append each timed step's seconds and peak extra memory to its run, the runs alternating."""
+    for i in range(warmup + steps):
+        for run in runs:
+            with PeakMemory(device) as memory:
+                start = time.perf_counter()
+                head_step(run, embeddings, labels)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - start
+            if i >= warmup:
+                run["times"].append(elapsed)
+                run["peaks"].append(memory.peak)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_heads", description=__doc__.split("\n\n")[0])
@@ -101,34 +136,10 @@ def main() -> None:
         return_freed_memory_to_the_os()
 
     torch.manual_seed(0)
-    runs = []
-    for rate in args.rates:
-        pfc = PartialFC(args.dim, args.classes, ArcFace(), sample_rate=rate).to(device)
-        opt = torch.optim.SGD(pfc.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        pfc.attach_optimizer(opt)
-        runs.append({"rate": rate, "pfc": pfc, "opt": opt, "times": [], "peaks": []})
+    runs = [build_head_run(args.dim, args.classes, rate, device) for rate in args.rates]
     embeddings = torch.randn(args.batch, args.dim, device=device, requires_grad=True)
     labels = torch.randint(0, args.classes, (args.batch,), device=device)
-
-    def step(run):
-        run["opt"].zero_grad(set_to_none=True)
-        embeddings.grad = None
-        loss = run["pfc"](embeddings, labels)
-        loss.backward()
-        run["opt"].step()
-        return loss
-
-    for i in range(args.warmup + args.steps):
-        for run in runs:  # alternate configurations step by step
-            with PeakMemory(device) as memory:
-                start = time.perf_counter()
-                step(run)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                elapsed = time.perf_counter() - start
-            if i >= args.warmup:
-                run["times"].append(elapsed)
-                run["peaks"].append(memory.peak)
+    time_alternating(runs, embeddings, labels, device, args.warmup, args.steps)
 
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
     print(f"Partial FC step (fwd + bwd + SGD momentum/wd), {args.classes:,} classes, {args.dim}-d, "

@@ -31,11 +31,13 @@ from losses import build_head
 NUM_CLASSES = 1000
 
 
-def make_step(norm: str, args, batch: int, precision: str = "off", channels_last: bool = False):
+def make_step(norm: str, args, batch: int, precision: str = "off", channels_last: bool = False,
+              activation_checkpointing: bool = False):
     """A closure running one training step of ``args.model`` with ``norm`` on a fixed batch."""
     device = torch.device(args.device)
     torch.manual_seed(0)
-    backbone = build_backbone(args.model, norm=norm, input_size=args.input_size).to(device)
+    backbone = build_backbone(args.model, norm=norm, input_size=args.input_size,
+                              activation_checkpointing=activation_checkpointing).to(device)
     head = build_head({"type": "arcface"}, embedding_size=512, num_classes=NUM_CLASSES).to(device)
     if channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
@@ -80,12 +82,14 @@ def timed_alternating(steps: dict, device: str, warmup: int, repeats: int) -> di
     return times
 
 
-def memory_of(norm: str, args, batch: int, precision: str, channels_last: bool) -> dict:
+def memory_of(norm: str, args, batch: int, precision: str, channels_last: bool,
+              activation_checkpointing: bool = False) -> dict:
     """Peak memory of a few training steps with ``norm``, measured in a fresh subprocess."""
     command = [sys.executable, "-m", "benchmarks.bench_train", "--measure-memory", norm,
                "--model", args.model, "--device", args.device, "--input-size", str(args.input_size),
                "--batch", str(batch), "--precision", precision, "--threads", str(args.threads)]
     command += ["--channels-last"] if channels_last else []
+    command += ["--activation-checkpointing"] if activation_checkpointing else []
     result = subprocess.run(command, capture_output=True, text=True, check=True,
                             cwd=Path(__file__).resolve().parents[1])  # the repository root
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -111,16 +115,21 @@ def _reset_peak_rss() -> bool:
 
 
 def measure_memory(args) -> None:
-    """Subprocess mode: run 3 steps, print peak memory (MiB) as JSON."""
+    """Subprocess mode: run 3 steps, print peak memory (MiB) and the median time of the last 2 as JSON."""
     before_kib = _status_kib("VmRSS")
     if not (_reset_peak_rss() and before_kib):  # fallback: peak since start, imports included
         before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    step = make_step(args.measure_memory, args, args.batch, args.precision, args.channels_last)
+    step = make_step(args.measure_memory, args, args.batch, args.precision, args.channels_last,
+                     args.activation_checkpointing)
+    times = []
     for _ in range(3):
+        start = time.perf_counter()
         step()
-    sync(args.device)
+        sync(args.device)
+        times.append(time.perf_counter() - start)
     peak_kib = max(_status_kib("VmHWM") or 0, 0) or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"rss_growth_mib": (peak_kib - before_kib) / 1024, "peak_rss_mib": peak_kib / 1024}
+    out = {"rss_growth_mib": (peak_kib - before_kib) / 1024, "peak_rss_mib": peak_kib / 1024,
+           "step_s": statistics.median(times[1:])}  # the first step warms up
     if args.device == "cuda":
         out["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print(json.dumps(out))
@@ -163,6 +172,7 @@ def main() -> None:
     parser.add_argument("--measure-memory", choices=("bn", "sn"), help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="off", help=argparse.SUPPRESS)
     parser.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--activation-checkpointing", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.model = args.model or ("iresnet18" if args.quick else "iresnet50")
     args.batch = args.batch or (4 if args.quick else 16)

@@ -83,6 +83,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "dropout": Opt(0.0, "float"),
         "zero_init_residual": Opt(False, "bool"),  # scale of each residual block's last norm starts at 0
         "norm_kwargs": Opt({}, "dict"),  # passed to every 2-D norm, e.g. {using_bn: false}
+        "activation_checkpointing": Opt(False, "bool"),  # training: recompute each stage in backward
     },
     "head": {
         "type": Opt("arcface", "str", _heads),
@@ -144,6 +145,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "init_backbone": Opt(None, "path", nullable=True),  # backbone weights to fine-tune from
         "seed": Opt(0, "int"),
         "progress": Opt(True, "bool"),  # tqdm bar on rank 0
+        "ddp_bucket_mb": Opt(25.0, "float"),  # DistributedDataParallel gradient bucket size (torch's default)
     },
     "study": {  # run.py study (facerec/study.py): one training run per (norm, setting); train ignores it
         "norms": Opt(["bn", "gn", "sn"], "strs"),
@@ -155,7 +157,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
 }
 
 _POSITIVE = {"model.embedding_size", "model.input_size", "model.width", "train.batch_size", "train.epochs",
-             "train.virtual_devices",
+             "train.virtual_devices", "train.ddp_bucket_mb",
              "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.verify_batch_size",
              "study.reference_batch",
              "data.synth.identities", "data.synth.images_per_identity", "data.synth.size"}

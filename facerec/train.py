@@ -254,7 +254,8 @@ def build_run(config: dict, info: DistInfo) -> RunParts:
     model = backbone
     if info.world_size > 1:
         model = DistributedDataParallel(
-            backbone, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            backbone, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            bucket_cap_mb=tcfg["ddp_bucket_mb"])
         model.register_comm_hook(None, _allreduce_sum_hook)
 
     optimizer = build_optimizer(param_groups(backbone, head, config["optim"]), config["optim"])

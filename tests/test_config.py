@@ -70,6 +70,8 @@ def test_saved_config_loads_back_identically(tmp_path):
     ("model.input_size=100", "model.input_size must be a multiple of 16"),
     ("data.synth.people=3", "unknown key 'data.synth.people'; allowed: identities"),
     ("optim.lr", "override 'optim.lr' must look like section.key=value"),
+    ("train.ddp_bucket_mb=0", "train.ddp_bucket_mb must be positive, got 0.0"),
+    ("model.activation_checkpointing=1", "model.activation_checkpointing must be true or false"),
 ])
 def test_bad_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -82,8 +82,8 @@ def test_two_processes_match_one_process_with_the_double_batch_and_resume_in_one
     root, config = setup
     init = f"train.resume={root / 'init' / 'checkpoints' / 'step_0.pt'}"
     run_train(config, init, "train.max_steps=3", f"train.output_dir={root / 'one'}")
-    two = run_train(config, init, "train.max_steps=3", "train.batch_size=8",
-                    f"train.output_dir={root / 'two'}", nproc=2)
+    two = run_train(config, init, "train.max_steps=3", "train.batch_size=8",  # many small DDP buckets
+                    "train.ddp_bucket_mb=0.01", f"train.output_dir={root / 'two'}", nproc=2)
     assert "(2 x 8)" in two
     start = load_checkpoint(root / "init" / "checkpoints" / "step_0.pt")
     one3 = load_checkpoint(root / "one" / "checkpoints" / "step_3.pt")
