@@ -156,6 +156,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
     },
 }
 
+# model keys that change how a network trains, not what it computes: a run may resume with them changed
+TRAINING_SWITCHES = ("activation_checkpointing",)
+
 _POSITIVE = {"model.embedding_size", "model.input_size", "model.width", "train.batch_size", "train.epochs",
              "train.virtual_devices", "train.ddp_bucket_mb",
              "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.verify_batch_size",

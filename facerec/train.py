@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from facerec import checkpoint as ckpt
-from facerec.config import save_config, upgrade_model_section
+from facerec.config import TRAINING_SWITCHES, save_config, upgrade_model_section
 from facerec.distributed import (
     DistInfo,
     all_gather_objects,
@@ -340,7 +340,8 @@ class Trainer:
         if missing:
             raise ValueError(f"{path}: not a training checkpoint (missing {', '.join(missing)})")
         saved_model = state["config"].get("model")
-        if not isinstance(saved_model, dict) or upgrade_model_section(saved_model) != self.config["model"]:
+        if not isinstance(saved_model, dict) or not same_model(upgrade_model_section(saved_model),
+                                                               self.config["model"]):
             raise ValueError(f"{path}: checkpoint model {state['config'].get('model')} differs from "
                              f"{self.config['model']}; use train.init_backbone to start from its weights")
         self._load_state(state)
@@ -586,6 +587,13 @@ class Trainer:
                     self.verify()
                 if self.step >= parts.total_steps or stop.requested():
                     return
+
+
+def same_model(saved: dict, current: dict) -> bool:
+    """Whether two ``model`` sections describe the same network; switches of how it trains
+    (``TRAINING_SWITCHES``, e.g. activation checkpointing) may differ on resume."""
+    strip = lambda model: {k: v for k, v in model.items() if k not in TRAINING_SWITCHES}  # noqa: E731
+    return strip(saved) == strip(current)
 
 
 def _allreduce_sum_hook(process_group, bucket):

@@ -91,3 +91,24 @@ def test_checkpointing_under_ddp_with_synchronised_norms(tmp_path):
             torch.testing.assert_close(grads_c[key], grads[key], rtol=1e-5, atol=1e-6, msg=key)
         for key in buffers:
             torch.testing.assert_close(buffers_c[key], buffers[key], rtol=0, atol=0, msg=key)
+
+
+def test_a_run_resumes_with_checkpointing_switched_on(tmp_path):
+    """Checkpointing changes how the backbone trains, not what it computes: resuming may switch it."""
+    import contextlib
+    import io
+
+    from data import generate_synthetic
+    from facerec.train import train
+
+    generate_synthetic(tmp_path / "data", identities=4, images_per_identity=4, size=32, seed=0,
+                       verify_identities=20, verify_pairs=20, workers=1, progress=False)
+    base = ["model.name=iresnet18", "model.width=4", "model.embedding_size=8", "model.input_size=32",
+            f"data.train={tmp_path / 'data'}", "data.num_workers=0", "train.batch_size=4",
+            "train.progress=false", "train.device=cpu", f"train.output_dir={tmp_path / 'run'}"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        train(load_config(None, base + ["train.max_steps=2"]))
+        train(load_config(None, base + ["train.max_steps=4", "model.activation_checkpointing=true"]))
+    assert "resumed from" in out.getvalue() and "at step 2" in out.getvalue()
+    assert (tmp_path / "run" / "checkpoints" / "step_4.pt").is_file()
