@@ -8,6 +8,9 @@ import contextlib
 import copy
 import io
 import json
+import os
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +22,12 @@ from backbones.switchnorm import SwitchNorm2d
 from facerec import checkpoint as ckpt
 from facerec.compiled import compile_model, missing_compiler
 from facerec.config import ConfigError, load_config
-from facerec.model_io import load_backbone_state
+from facerec.export import export_onnx
+from facerec.model_io import load_backbone_state, load_model
 from facerec.train import train
 from losses import build_head
 
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -130,7 +135,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 @pytest.mark.skipif(missing_compiler(torch.device("cpu")) is not None, reason="no C++ compiler for inductor")
 def test_engine_alternates_eager_and_compiled_legs_like_one_eager_run(config_path, tmp_path):
     """Steps 1-2 eager, 3-4 compiled (resumed from the eager checkpoint), 5-6 eager again (from the
-    compiled leg's checkpoint): the same losses and weights as one eager run of 6 steps."""
+    compiled leg's checkpoint): the same losses and weights as one eager run of 6 steps; the compiled
+    leg's checkpoint exports to ONNX."""
     whole, legs = tmp_path / "whole", tmp_path / "legs"
     run(config_path, f"train.output_dir={whole}", "train.max_steps=6")
     run(config_path, f"train.output_dir={legs}", "train.max_steps=2")
@@ -139,6 +145,8 @@ def test_engine_alternates_eager_and_compiled_legs_like_one_eager_run(config_pat
     assert "train.compile: the first step took" in out
     compiled_leg = ckpt.load_checkpoint(legs / "checkpoints" / "step_4.pt")
     assert not any("_orig_mod" in key for key in compiled_leg["backbone"])
+    model, _ = load_model(legs / "checkpoints" / "step_4.pt")  # export is unaffected by compilation
+    assert export_onnx(model, tmp_path / "model.onnx", input_size=32) < 1e-4
     run(config_path, f"train.output_dir={legs}", "train.max_steps=6")
 
     records = [json.loads(line) for line in (legs / "metrics.jsonl").read_text().splitlines()]
@@ -152,3 +160,22 @@ def test_engine_alternates_eager_and_compiled_legs_like_one_eager_run(config_pat
     for key, value in a.items():
         if value.is_floating_point():
             torch.testing.assert_close(b[key], value, rtol=1e-3, atol=1e-4, msg=key)
+
+
+def test_gpu_check_cuts_a_hanging_step_and_still_prints_its_table(tmp_path):
+    """benchmarks/gpu_check.sh (its full --dry-run takes minutes, run by hand): a step that hangs is
+    stopped at the time budget, every later step is reported as skipped, and the summary table is printed."""
+    hang = tmp_path / "python"
+    hang.write_text("#!/bin/sh\nexec sleep 60\n")
+    hang.chmod(0o755)
+    start = time.time()
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=ROOT,
+                            env={**os.environ, "PYTHON": str(hang), "BUDGET_S": "3", "TMPDIR": str(tmp_path)},
+                            capture_output=True, text=True, timeout=60)
+    assert time.time() - start < 30
+    assert result.returncode == 1
+    table = result.stdout[result.stdout.index("step           status"):].splitlines()[1:]
+    assert [line.split()[0] for line in table] == ["install", "bench_norm", "bench_heads", "nccl",
+                                                   "torchrun", "export", "verify", "bench_train"]
+    assert "failed (timeout 3s)" in table[0]
+    assert all("skipped (budget spent)" in line for line in table[1:])
