@@ -27,7 +27,7 @@ def missing_compiler(device: torch.device) -> str | None:
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
-        return None if has_triton() else "triton (inductor's GPU kernel compiler) is not installed"
+        return None if has_triton() else "no triton (inductor's GPU kernel compiler) for this GPU"
     from torch._inductor import config as inductor_config
 
     wanted = inductor_config.cpp.cxx  # inductor tries these in turn: (None, $CXX or "g++")
