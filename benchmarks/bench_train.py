@@ -9,6 +9,16 @@ its own subprocess (CPU: peak RSS growth over the process's state before buildin
     python -m benchmarks.bench_train                       # iresnet50, batch 16, 112x112, CPU
     python -m benchmarks.bench_train --device cuda         # + images/s, bf16, channels-last, batch 128
     python -m benchmarks.bench_train --quick               # smoke run (iresnet18, batch 4, 64x64)
+
+``--compile``: eager against ``torch.compile``d (inductor) training steps, BN and SN side by side, on the
+quickstart model (configs/quickstart.yaml: iresnet18 width 16, 48x48, batch 64, 128-d) and on iresnet50
+(batch 16, 112x112; on cuda batch 128, bf16, channels-last). The backbone is compiled, as
+``train.compile`` does; the first step of each compiled model (its compilation) is timed apart.
+Target: compiled SN >= 1.3x eager SN on the quickstart model (CPU).
+
+    python -m benchmarks.bench_train --compile                       # both setups, CPU
+    python -m benchmarks.bench_train --compile --setups quickstart   # one of them
+    python -m benchmarks.bench_train --compile --device cuda --setups iresnet50
 """
 from __future__ import annotations
 
@@ -19,40 +29,92 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from backbones import build_backbone
+from facerec.compiled import MODES, missing_compiler
 from facerec.config import load_config
 from facerec.optim import build_optimizer, param_groups
 from losses import build_head
 
 NUM_CLASSES = 1000
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One benchmarked training step: backbone, its sizes, batch and numerics."""
+
+    label: str
+    model: str
+    input_size: int
+    batch: int
+    width: int = 64
+    embedding: int = 512
+    precision: str = "off"
+    channels_last: bool = False
+    activation_checkpointing: bool = False
+
+    def describe(self) -> str:
+        return (f"{self.label}: {self.model} width {self.width}, {self.input_size}x{self.input_size}, "
+                f"batch {self.batch}, {self.embedding}-d, precision {self.precision}"
+                f"{', channels-last' if self.channels_last else ''}")
+
+
+def quickstart_setup() -> Setup:
+    """The model and batch of configs/quickstart.yaml."""
+    config = load_config(QUICKSTART)
+    model, train = config["model"], config["train"]
+    return Setup("quickstart", model["name"], model["input_size"], train["batch_size"], model["width"],
+                 model["embedding_size"])
+
+
+def compile_setups(args) -> dict[str, Setup]:
+    """The setups of ``--compile`` by name (``--quick``: tiny stand-ins of the same names)."""
+    gpu = dict(precision="bf16", channels_last=True) if args.device == "cuda" else {}
+    if args.quick:
+        tiny = Setup("tiny", "iresnet18", 32, 4, width=8, embedding=16)
+        return {"quickstart": replace(tiny, label="quickstart (tiny)"),
+                "iresnet50": replace(tiny, label="iresnet50 (tiny)", **gpu)}
+    return {"quickstart": quickstart_setup(),
+            "iresnet50": Setup("iresnet50", "iresnet50", 112, 128 if args.device == "cuda" else 16, **gpu)}
 
 
 def make_step(norm: str, args, batch: int, precision: str = "off", channels_last: bool = False,
-              activation_checkpointing: bool = False):
-    """A closure running one training step of ``args.model`` with ``norm`` on a fixed batch."""
+              activation_checkpointing: bool = False, setup: Setup | None = None,
+              compile_mode: str | None = None):
+    """A closure running one training step with ``norm`` on a fixed batch: of ``setup``, else of
+    ``args.model`` at ``args.input_size`` with ``batch, precision, channels_last,
+    activation_checkpointing``. ``compile_mode``: the backbone through ``torch.compile`` with that mode
+    (None: eager)."""
+    setup = setup or Setup("", args.model, args.input_size, batch, precision=precision,
+                           channels_last=channels_last, activation_checkpointing=activation_checkpointing)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    backbone = build_backbone(args.model, norm=norm, input_size=args.input_size,
-                              activation_checkpointing=activation_checkpointing).to(device)
-    head = build_head({"type": "arcface"}, embedding_size=512, num_classes=NUM_CLASSES).to(device)
-    if channels_last:
+    backbone = build_backbone(setup.model, norm=norm, input_size=setup.input_size, width=setup.width,
+                              embedding_size=setup.embedding,
+                              activation_checkpointing=setup.activation_checkpointing).to(device)
+    head = build_head({"type": "arcface"}, embedding_size=setup.embedding, num_classes=NUM_CLASSES).to(device)
+    if setup.channels_last:
         backbone = backbone.to(memory_format=torch.channels_last)
     optim_cfg = load_config(None)["optim"]
     optimizer = build_optimizer(param_groups(backbone, head, optim_cfg), optim_cfg)
-    images = torch.randn(batch, 3, args.input_size, args.input_size, device=device)
-    if channels_last:
+    images = torch.randn(setup.batch, 3, setup.input_size, setup.input_size, device=device)
+    if setup.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, NUM_CLASSES, (batch,), device=device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    labels = torch.randint(0, NUM_CLASSES, (setup.batch,), device=device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(setup.precision)
+    model = backbone
+    if compile_mode is not None:
+        model = torch.compile(backbone, mode=None if compile_mode == "default" else compile_mode)
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            embeddings = backbone(images)
+            embeddings = model(images)
         loss = head(embeddings.float(), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(backbone.parameters(), 5.0)
@@ -157,6 +219,35 @@ def compare(args, batch: int, precision: str, channels_last: bool, label: str) -
           f"SN/BN peak memory: {mem_ratio:.3f}")
 
 
+def compare_compiled(args, setup: Setup) -> None:
+    """Eager and compiled steps of ``setup``, BN and SN, timed side by side (alternating)."""
+    steps, first = {}, {}
+    for norm in ("bn", "sn"):
+        for mode in ("eager", "compiled"):
+            step = make_step(norm, args, setup.batch, setup=setup,
+                             compile_mode=None if mode == "eager" else args.compile_mode)
+            start = time.perf_counter()
+            step()  # compiles, for the compiled ones
+            sync(args.device)
+            first[norm, mode] = time.perf_counter() - start
+            print(f"  {norm.upper()} {mode}: first step {first[norm, mode]:.1f} s", flush=True)
+            steps[norm, mode] = step
+    times = timed_alternating(steps, args.device, args.warmup, args.repeats)
+    med = {key: statistics.median(t) for key, t in times.items()}
+    print(f"\n{setup.describe()}; compile mode {args.compile_mode}; {args.repeats} alternating repeats "
+          f"(medians); first step = compilation for compiled models, not in ms/step")
+    print(f"  {'':13} {'ms/step':>9} {'images/s':>10} {'first step s':>13} {'vs eager':>9}")
+    for norm, mode in steps:
+        speedup = med[norm, "eager"] / med[norm, mode]
+        print(f"  {norm.upper() + ' ' + mode:13} {med[norm, mode] * 1000:9.1f} "
+              f"{setup.batch / med[norm, mode]:10.1f} {first[norm, mode]:13.1f} {speedup:8.2f}x")
+    ratio = med["sn", "eager"] / med["sn", "compiled"]
+    print(f"  SN compiled {setup.batch / med['sn', 'compiled']:.1f} images/s, {ratio:.2f}x eager SN (target "
+          f">= 1.3: {'met' if ratio >= 1.3 else 'NOT met'}); SN/BN compiled: "
+          f"{med['sn', 'compiled'] / med['bn', 'compiled']:.3f}, eager: "
+          f"{med['sn', 'eager'] / med['bn', 'eager']:.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_train", description=__doc__,
@@ -169,6 +260,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--compile", action="store_true", help="eager vs torch.compile, BN and SN")
+    parser.add_argument("--setups", default="quickstart,iresnet50",
+                        help="--compile: comma-separated, of quickstart, iresnet50")
+    parser.add_argument("--compile-mode", default="default", choices=MODES)
     parser.add_argument("--measure-memory", choices=("bn", "sn"), help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="off", help=argparse.SUPPRESS)
     parser.add_argument("--channels-last", action="store_true", help=argparse.SUPPRESS)
@@ -186,6 +281,16 @@ def main() -> None:
         measure_memory(args)
         return
     print(f"torch {torch.__version__}, {args.threads} threads, device {args.device}")
+    if args.compile:
+        missing = missing_compiler(torch.device(args.device))
+        if missing:
+            parser.error(f"--compile: {missing}")
+        setups = compile_setups(args)
+        for name in args.setups.split(","):
+            if name not in setups:
+                parser.error(f"--setups: unknown setup {name!r}; expected {', '.join(setups)}")
+            compare_compiled(args, setups[name])
+        return
     compare(args, args.batch, "off", False, "training step")
     if args.device == "cuda":
         compare(args, 32 if args.quick else 128, "bf16", True, "throughput")

@@ -43,6 +43,12 @@ def _heads() -> tuple[str, ...]:
     return tuple(HEADS)
 
 
+def _compile_modes() -> tuple[str, ...]:
+    from facerec.compiled import MODES
+
+    return MODES
+
+
 @dataclass(frozen=True)
 class Opt:
     """One config key: default, kind (``int float bool str path paths ints floats dict`` or a nested
@@ -134,6 +140,8 @@ SCHEMA: dict[str, dict[str, Any]] = {
         "precision": Opt("off", "str", ("off", "bf16", "fp16")),
         "device": Opt("auto", "str", ("auto", "cpu", "cuda")),
         "channels_last": Opt(True, "bool"),  # used on cuda only
+        "compile": Opt(False, "bool"),  # torch.compile the backbone (eager, with a message, if no compiler)
+        "compile_mode": Opt("default", "str", _compile_modes),
         "grad_clip": Opt(5.0, "float", nullable=True),  # max global grad norm; null/0: off
         "checkpoint_every": Opt(1000, "int"),  # steps; also at each epoch end
         "keep_checkpoints": Opt(3, "int"),

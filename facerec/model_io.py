@@ -51,8 +51,22 @@ def _state_differences(expected: dict, found: dict) -> list[str]:
     return lines
 
 
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile's and DistributedDataParallel's
+
+
+def unwrapped_state(state: dict) -> dict:
+    """``state`` with the key prefixes of wrapped modules removed (a ``torch.compile``'d or DDP model's
+    state dict, saved by other code), when every key has them; else ``state`` itself."""
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(key.startswith(prefix) for key in state):
+            return unwrapped_state({key[len(prefix):]: value for key, value in state.items()})
+    return state
+
+
 def load_backbone_state(model: torch.nn.Module, state: dict, source: str = "checkpoint") -> None:
-    """Load ``state`` strictly into ``model``; a mismatch raises CheckpointError listing differing keys."""
+    """Load ``state`` strictly into ``model`` (also the state dict of a compiled or DDP-wrapped one); a
+    mismatch raises CheckpointError listing differing keys."""
+    state = unwrapped_state(state)
     lines = _state_differences(model.state_dict(), state)
     if lines:
         raise CheckpointError(f"{source}: backbone weights do not fit the model built from its config\n"

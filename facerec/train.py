@@ -205,7 +205,7 @@ class RunParts:
     loader: DataLoader
     verify_sets: list[VerificationSet]  # rank 0's data.verify sets; empty on other ranks
     backbone: nn.Module
-    model: nn.Module  # the backbone, wrapped in DDP when distributed
+    model: nn.Module  # the backbone, wrapped in DDP when distributed, compiled with train.compile
     head: nn.Module
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LambdaLR
@@ -215,6 +215,7 @@ class RunParts:
     steps_per_epoch: int
     global_batch: int
     total_steps: int
+    compiled: bool = False  # model is torch.compile'd: its first step compiles
 
 
 def build_run(config: dict, info: DistInfo) -> RunParts:
@@ -257,6 +258,14 @@ def build_run(config: dict, info: DistInfo) -> RunParts:
             backbone, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
             bucket_cap_mb=tcfg["ddp_bucket_mb"])
         model.register_comm_hook(None, _allreduce_sum_hook)
+    compiled = False
+    if tcfg["compile"]:
+        from facerec.compiled import compile_model
+
+        compiled_model, message = compile_model(model, tcfg["compile_mode"], device)
+        compiled, model = compiled_model is not model, compiled_model
+        if info.is_main:
+            print(message, flush=True)
 
     optimizer = build_optimizer(param_groups(backbone, head, config["optim"]), config["optim"])
     head.attach_optimizer(optimizer)  # Partial FC sampling: step only the sampled rows
@@ -273,7 +282,7 @@ def build_run(config: dict, info: DistInfo) -> RunParts:
         scaler=torch.amp.GradScaler(device.type, enabled=tcfg["precision"] == "fp16"),
         amp_dtype=AMP_DTYPES.get(tcfg["precision"]), channels_last=channels_last,
         steps_per_epoch=steps_per_epoch, global_batch=tcfg["batch_size"] * info.world_size,
-        total_steps=total_steps,
+        total_steps=total_steps, compiled=compiled,
     )
 
 
@@ -558,26 +567,35 @@ class Trainer:
         """Steps from the current one to ``total_steps``, or to the step at which a stop was requested."""
         tcfg, parts = self.tcfg, self.parts
         window_loss, window_n, window_t = 0.0, 0, time.time()
+        timed_n, compiling, compiled = 0, parts.compiled, {}  # images/s leaves out the compiling first step
         while self.step < parts.total_steps:
             parts.loader.sampler.set_epoch(self.epoch)
             parts.loader.sampler.skip = self.batch * tcfg["batch_size"]
             for images, labels in parts.loader:
+                step_start = time.time()
                 loss = self.train_step(images, labels)
                 self.step += 1
                 self.batch += 1
                 window_loss, window_n = window_loss + loss, window_n + 1
+                if compiling:
+                    seconds = time.time() - step_start
+                    self._say(f"train.compile: the first step took {seconds:.1f} s (compilation); "
+                              "images/s leaves it out")
+                    window_t, compiling, compiled = window_t + seconds, False, {"compile_seconds": seconds}
+                else:
+                    timed_n += 1
                 lr = parts.optimizer.param_groups[0]["lr"]
                 self.log.progress(self.step, loss=loss, lr=lr, epoch=self.epoch)
                 if self.on_step is not None:
                     self.on_step(self.step, parts.total_steps)
                 if self.step % tcfg["log_every"] == 0 or self.step == parts.total_steps:
                     now = time.time()
-                    ips = window_n * parts.global_batch / max(now - window_t, 1e-9)
+                    ips = timed_n * parts.global_batch / max(now - window_t, 1e-9) if timed_n else math.nan
                     self.log.log(self.step, epoch=self.epoch, loss=window_loss / window_n, lr=lr,
-                                 images_per_sec=ips)
+                                 images_per_sec=ips, **compiled)
                     self.log.progress(self.step, loss=window_loss / window_n, lr=lr,
                                       img_s=round(ips, 1), epoch=self.epoch)
-                    window_loss, window_n, window_t = 0.0, 0, now
+                    window_loss, window_n, window_t, timed_n, compiled = 0.0, 0, now, 0, {}
                 if self.batch == parts.steps_per_epoch:
                     self.epoch, self.batch = self.epoch + 1, 0
                 if self.batch == 0 or self.step % tcfg["checkpoint_every"] == 0:
