@@ -133,7 +133,15 @@ def run_config(config: dict, spec: RunSpec) -> dict:
 
 
 def comparable(config: dict) -> dict:
-    """The part of a run config that decides its result: no ``study`` section, no run-folder bookkeeping."""
+    """The part of a run config that decides its result: no ``study`` section, no run-folder bookkeeping.
+    A config saved before a key existed gets that key's default (what its run used), so adding a key to
+    the schema does not make finished runs look changed; one the schema no longer accepts is left as is."""
+    from facerec.config import ConfigError, validate
+
+    try:
+        config = validate({k: v for k, v in config.items() if k != "study"})
+    except ConfigError:
+        pass
     out = {k: copy.deepcopy(v) for k, v in config.items() if k != "study"}
     out["train"] = {k: v for k, v in out.get("train", {}).items() if k not in _BOOKKEEPING}
     return out
@@ -170,7 +178,8 @@ def run_state(spec: RunSpec, config: dict) -> tuple[str, list[str]]:
     result of this config), resume (an interrupted run of this config), redo (files of another config)."""
     wanted = comparable(config)
     result = read_json(spec.run_dir / RESULT_FILE)
-    if result is not None and result.get("config") == wanted:
+    recorded = comparable(result.get("config") or {}) if result is not None else None
+    if recorded == wanted:
         return "done", []
     saved = spec.run_dir / "config.yaml"
     if saved.is_file():
@@ -178,7 +187,7 @@ def run_state(spec: RunSpec, config: dict) -> tuple[str, list[str]]:
         changed = differences(previous, wanted)
         return ("resume", []) if not changed else ("redo", changed)
     if result is not None:
-        return "redo", differences(result.get("config") or {}, wanted)
+        return "redo", differences(recorded, wanted)
     return "new", []
 
 

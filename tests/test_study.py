@@ -104,6 +104,10 @@ def test_smoke_study_report_skip_and_redo(data_overrides, tmp_path, capsys):
     assert {tuple(layer["terms"]) for layer in json.loads((out / "sn_8x4" / "result.json").read_text())
             ["sn_weights"]} == {("IN", "LN", "BN")}
 
+    # a run recorded before a config key existed (here: activation checkpointing) used that key's default
+    recorded = json.loads((out / "sn_8x4" / "result.json").read_text())
+    del recorded["config"]["model"]["activation_checkpointing"]
+    (out / "sn_8x4" / "result.json").write_text(json.dumps(recorded))
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
     capsys.readouterr()
     assert study(out, data_overrides) == 0  # everything finished: nothing trained again
