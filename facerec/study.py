@@ -138,10 +138,8 @@ def comparable(config: dict) -> dict:
     the schema does not make finished runs look changed; one the schema no longer accepts is left as is."""
     from facerec.config import ConfigError, validate
 
-    try:
+    with contextlib.suppress(ConfigError):
         config = validate({k: v for k, v in config.items() if k != "study"})
-    except ConfigError:
-        pass
     out = {k: copy.deepcopy(v) for k, v in config.items() if k != "study"}
     out["train"] = {k: v for k, v in out.get("train", {}).items() if k not in _BOOKKEEPING}
     return out
