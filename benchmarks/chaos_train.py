@@ -62,6 +62,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def still_alive_after(pids: list[int], seconds: float) -> list[int]:
+    """Those of ``pids`` still running after waiting up to ``seconds`` for all of them to exit."""
+    deadline = time.time() + seconds
+    while any(alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.1)
+    return [pid for pid in pids if alive(pid)]
+
+
 def write_config(root: Path, steps: int) -> Path:
     """The data set and the config of the chaos run (paths relative to the config)."""
     import yaml
@@ -182,8 +190,7 @@ def chaos(args) -> None:
     proc = start(config, run_dir, log)
     runs += 1
     proc.wait()
-    time.sleep(2)  # children of the last kills: give them the moment they need to notice
-    orphans = [pid for pid in children if alive(pid)]
+    orphans = still_alive_after(children, 2)  # children of the last kills: the moment they need to notice
     text = log.read_text()
     final = run_dir / "checkpoints" / f"step_{args.steps}.pt"
     print()

@@ -303,9 +303,8 @@ def test_detection_workers_exit_when_their_parent_is_killed(tmp_path):
     import signal
     import subprocess
     import sys
-    import time
 
-    from benchmarks.chaos_train import alive, descendants
+    from benchmarks.chaos_train import descendants, still_alive_after
 
     proc = subprocess.Popen([sys.executable, "-c", DETECT_FOREVER, str(tmp_path)], stdout=subprocess.PIPE,
                             text=True, cwd=Path(__file__).resolve().parents[1])
@@ -316,10 +315,7 @@ def test_detection_workers_exit_when_their_parent_is_killed(tmp_path):
     finally:
         proc.kill()
         proc.wait()
-    deadline = time.time() + 30
-    while any(alive(pid) for pid in children) and time.time() < deadline:
-        time.sleep(0.1)
-    left = [pid for pid in children if alive(pid)]
+    left = still_alive_after(children, 30)
     for pid in left:  # do not leak them into the rest of the suite
         os.kill(pid, signal.SIGKILL)
     assert not left

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.chaos_train import alive, descendants
+from benchmarks.chaos_train import descendants, still_alive_after
 from data import pack_folder
 from facerec import checkpoint as ckpt
 from tests.test_resume import run as run_in_process
@@ -169,10 +169,7 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(config_path,
     step = int(line.split()[3].rstrip(":;,"))
     assert step >= 3 and (run_dir / "checkpoints" / f"step_{step}.pt").exists()
     assert f"python run.py train --config {config_path}" in line and f"train.output_dir={run_dir}" in line
-    deadline = time.time() + 30
-    while any(alive(pid) for pid in children) and time.time() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in children if alive(pid)]
+    assert not still_alive_after(children, 30)
 
 
 def test_children_exit_when_the_trainer_is_sigkilled(config_path, tmp_path):
@@ -183,10 +180,7 @@ def test_children_exit_when_the_trainer_is_sigkilled(config_path, tmp_path):
     assert len(children) >= 2, children  # the fork server (and resource tracker) and the loader worker
     proc.kill()
     proc.wait()
-    deadline = time.time() + 30
-    while any(alive(pid) for pid in children) and time.time() < deadline:
-        time.sleep(0.1)
-    left = [pid for pid in children if alive(pid)]
+    left = still_alive_after(children, 30)
     for pid in left:  # do not leak them into the rest of the suite
         os.kill(pid, signal.SIGKILL)
     assert not left
