@@ -11,6 +11,7 @@ fold's 700 pairs, reordered into 10 balanced sub-folds).
     python -m benchmarks.real_cfp --minutes 5
     python -m benchmarks.real_cfp --minutes 5 --align detect
     python -m benchmarks.real_cfp --steps 300 --config configs/cfp_augment.yaml   # same steps, augmented
+    python -m benchmarks.real_cfp --minutes 15 --compare   # 4 arms: fiducials / detector x augment off / on
     python -m benchmarks.real_cfp --prepare-only --cache datasets/cfp   # the data configs/cfp.yaml reads
 
 Prepared data is cached (``--cache``, default: a folder in the system temp dir; ``detect/`` in it for
@@ -143,13 +144,69 @@ def seconds_per_step(config: dict) -> float:
     images = torch.randn(config["train"]["batch_size"], 3, m["input_size"], m["input_size"])
     labels = torch.randint(0, 500, (images.shape[0],))
     times = []
-    for _ in range(4):
+    for _ in range(10):
         start = time.perf_counter()
         optimizer.zero_grad()
         head(backbone(images), labels).backward()
         optimizer.step()
         times.append(time.perf_counter() - start)
-    return float(np.median(times[1:]))
+    return float(np.median(times[2:]))
+
+
+def train_arm(config_path: Path, overrides: list, info: dict, steps: int, run_dir: Path) -> dict:
+    """Train ``config_path`` for ``steps`` on the prepared ``info`` in ``run_dir`` (emptied first) with
+    ``run.py train``; returns ``{"minutes", "verified": [metrics records with verification]}``."""
+    command = [sys.executable, str(ROOT / "run.py"), "train", "--config", str(config_path), *overrides,
+               f"data.train={info['train']}", f"data.verify=[{','.join(info['verify'])}]",
+               f"train.max_steps={steps}", "train.resume=none", f"train.output_dir={run_dir}",
+               f"train.verify_every={max(1, steps // 2)}", "schedule.warmup_epochs=0",
+               f"schedule.warmup_steps={steps // 10}"]
+    shutil.rmtree(run_dir, ignore_errors=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=ROOT, check=True)
+    minutes = (time.perf_counter() - start) / 60
+    results = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"minutes": minutes, "verified": [r for r in results if "verify" in r]}
+
+
+def arm_report(title: str, verified: list) -> str:
+    """Lines of one arm's verification accuracy (%, ± the 10-fold std) at each verified step."""
+    lines = [title]
+    for record in verified:
+        text = ", ".join(f"{name} {v['accuracy'] * 100:.2f}% ± {v['accuracy_std'] * 100:.2f}"
+                         for name, v in record["verify"].items())
+        lines.append(f"  step {record['step']:5d}: {text}")
+    return "\n".join(lines)
+
+
+def comparison_table(arms: list) -> str:
+    """A markdown table of the arms' final accuracies: ``arms`` holds ``(alignment, augmentation, minutes,
+    final verification record)``; one column per verification set (% ± 10-fold std)."""
+    names = list(arms[0][3]["verify"])
+    lines = ["| alignment | augmentation | " + " | ".join(names) + " | training |",
+             "|---|---|" + "---|" * len(names) + "---|"]
+    for alignment, augmentation, minutes, record in arms:
+        cells = [f"{v['accuracy'] * 100:.1f} ± {v['accuracy_std'] * 100:.1f}"
+                 for v in record["verify"].values()]
+        lines.append(f"| {alignment} | {augmentation} | " + " | ".join(cells) +
+                     f" | {record['step']} steps, {minutes:.1f} min |")
+    return "\n".join(lines)
+
+
+def prepare_alignment(args, alignment: str, size: int) -> dict:
+    """The training set and test bins of ``alignment`` ("fiducials" or "detect") at ``size``, prepared
+    (or found) in the cache (``detect/`` in it for the detector)."""
+    cache, detections = args.cache.absolute(), None
+    if alignment == "detect":
+        cache, detections = cache / "detect", cfp_detections(args.cfp, args.detections, args.workers)
+        missed = sum(v is None for v in detections.values())
+        print(f"detector: a face in {len(detections) - missed} of {len(detections)} CFP images "
+              f"({missed} aligned from the fiducials instead)")
+    start = time.perf_counter()
+    info = prepare(args.cfp, cache, size, args.test_fold, detections)
+    print(f"{alignment} data ready in {time.perf_counter() - start:.0f} s: {info['train_identities']} "
+          f"training identities, {info['test_identities']} test identities (fold {args.test_fold})")
+    return dict(info, cache=cache)
 
 
 def main() -> None:
@@ -165,6 +222,11 @@ def main() -> None:
     parser.add_argument("--test-fold", type=int, default=10)
     parser.add_argument("--align", choices=("fiducials", "detect"), default="fiducials",
                         help="align faces from the release's fiducials (default) or the MTCNN detector")
+    parser.add_argument("--compare", action="store_true",
+                        help="four arms one after another, each the same steps: fiducials and detector "
+                             "alignment, each with --config and with --augment-config; prints one table")
+    parser.add_argument("--augment-config", type=Path, default=ROOT / "configs" / "cfp_augment.yaml",
+                        help="--compare: the augmented arms' config (default configs/cfp_augment.yaml)")
     parser.add_argument("--detections", type=Path, default=DEFAULT_CACHE,
                         help=f"--align detect: cached CFP detections (default {DEFAULT_CACHE})")
     parser.add_argument("--workers", type=int, default=2, help="--align detect: detection processes")
@@ -176,46 +238,40 @@ def main() -> None:
 
     from facerec.config import load_config
 
-    config = load_config(args.config, args.overrides)
-    start = time.perf_counter()
-    cache, detections = args.cache.absolute(), None
-    if args.align == "detect":
-        cache, detections = cache / "detect", cfp_detections(args.cfp, args.detections, args.workers)
-        missed = sum(v is None for v in detections.values())
-        print(f"detector: a face in {len(detections) - missed} of {len(detections)} CFP images "
-              f"({missed} aligned from the fiducials instead)")
-    info = prepare(args.cfp, cache, config["model"]["input_size"], args.test_fold, detections)
-    print(f"data ready in {time.perf_counter() - start:.0f} s: {info['train_identities']} training "
-          f"identities, {info['test_identities']} test identities (fold {args.test_fold})")
+    alignments = ("fiducials", "detect") if args.compare else (args.align,)
+    config_paths = (args.config, args.augment_config) if args.compare else (args.config,)
+    configs = {path: load_config(path, args.overrides) for path in config_paths}
+    sizes = {config["model"]["input_size"] for config in configs.values()}
+    if len(sizes) > 1:
+        parser.error(f"--config and --augment-config train at different input sizes ({sorted(sizes)}); "
+                     f"the arms share their prepared data, so they must agree")
+    size = sizes.pop()
+    data = {alignment: prepare_alignment(args, alignment, size) for alignment in alignments}
     if args.prepare_only:
         return
-    run_dir = cache / "run"
     if args.steps:
         steps = args.steps
-        print(f"{steps} steps (--steps); run dir {run_dir}")
+        print(f"{steps} steps per arm (--steps)")
     else:
-        step = seconds_per_step(config)
-        steps = max(10, int(args.minutes * 60 * 0.8 / step))
-        print(f"~{step:.2f} s/step -> {steps} steps for a {args.minutes:g}-minute budget; run dir {run_dir}")
-    command = [sys.executable, str(ROOT / "run.py"), "train", "--config", str(args.config), *args.overrides,
-               f"data.train={info['train']}", f"data.verify=[{','.join(info['verify'])}]",
-               f"train.max_steps={steps}", "train.resume=none", f"train.output_dir={run_dir}",
-               f"train.verify_every={max(1, steps // 2)}", "schedule.warmup_epochs=0",
-               f"schedule.warmup_steps={steps // 10}"]
-    shutil.rmtree(run_dir, ignore_errors=True)
-    start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
-    minutes = (time.perf_counter() - start) / 60
-    results = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    verified = [r for r in results if "verify" in r]
-    augment = "on" if Augment(**config["data"]["augment"]) else "off"
-    print(f"\nreal CFP, fold {args.test_fold} (identities unseen in training), {args.align} alignment, "
-          f"augmentation {augment}, {steps} steps in {minutes:.1f} min, {config['model']['name']} "
-          f"{config['model']['norm']} {config['model']['input_size']}px:")
-    for record in verified:
-        text = ", ".join(f"{name} {v['accuracy'] * 100:.2f}% ± {v['accuracy_std'] * 100:.2f}"
-                         for name, v in record["verify"].items())
-        print(f"  step {record['step']:5d}: {text}")
+        step = seconds_per_step(configs[args.config])
+        steps = max(10, int(args.minutes * 60 * 0.9 / step))  # start-up and verification: the rest
+        print(f"~{step:.2f} s/step -> {steps} steps per arm for a {args.minutes:g}-minute budget")
+    arms = []
+    for alignment in alignments:
+        for path, config in configs.items():
+            info = data[alignment]
+            run_dir = info["cache"] / ("run" if not args.compare else f"run_{path.stem}")
+            print(f"\n{alignment} alignment, {path.name}: run dir {run_dir}", flush=True)
+            result = train_arm(path, args.overrides, info, steps, run_dir)
+            augmentation = "on" if Augment(**config["data"]["augment"]) else "off"
+            m = config["model"]
+            print("\n" + arm_report(
+                f"real CFP, fold {args.test_fold} (identities unseen in training), {alignment} alignment, "
+                f"augmentation {augmentation}, {steps} steps in {result['minutes']:.1f} min, {m['name']} "
+                f"{m['norm']} {m['input_size']}px:", result["verified"]), flush=True)
+            arms.append((alignment, augmentation, result["minutes"], result["verified"][-1]))
+    if args.compare:
+        print(f"\nfold {args.test_fold}, final step, % ± 10-fold std:\n" + comparison_table(arms))
 
 
 if __name__ == "__main__":

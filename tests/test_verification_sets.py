@@ -219,6 +219,23 @@ def test_real_cfp_fiducial_interpretation():
     assert len(angles) == 500 and abs(np.mean(angles)) < 5
 
 
+
+def test_real_cfp_comparison_table():
+    """benchmarks.real_cfp --compare: one row per arm, the final record's accuracies in % with their std."""
+    from benchmarks.real_cfp import comparison_table
+
+    def record(step, ff, fp):
+        return {"step": step, "verify": {"cfp_ff": {"accuracy": ff, "accuracy_std": 0.05},
+                                         "cfp_fp": {"accuracy": fp, "accuracy_std": 0.061}}}
+
+    table = comparison_table([("fiducials", "off", 14.04, record(2400, 0.871, 0.80)),
+                              ("detect", "on", 15.5, record(2400, 0.9057, 0.8443))])
+    assert table.splitlines() == [
+        "| alignment | augmentation | cfp_ff | cfp_fp | training |",
+        "|---|---|---|---|---|",
+        "| fiducials | off | 87.1 ± 5.0 | 80.0 ± 6.1 | 2400 steps, 14.0 min |",
+        "| detect | on | 90.6 ± 5.0 | 84.4 ± 6.1 | 2400 steps, 15.5 min |"]
+
 def _command(module, argv):
     """Parse ``argv`` with the command's own arguments and run it, as facerec.cli does."""
     import argparse
