@@ -128,45 +128,46 @@ def balance_folds(path: Path, folds: int = 10) -> None:
     write_bin(path, [images[2 * i + k] for i in order for k in (0, 1)], issame[order])
 
 
-def seconds_per_step(config: dict) -> float:
-    """Measured time of one training step of ``config``'s model on a random batch (after a warm-up)."""
-    import torch
+def train_command(config_path: Path, overrides: list, info: dict, steps: int, run_dir: Path) -> list:
+    """``run.py train`` of ``config_path`` for ``steps`` (warm-up a tenth, verified halfway and at the end)
+    on the prepared ``info``, starting afresh in ``run_dir``."""
+    return [sys.executable, str(ROOT / "run.py"), "train", "--config", str(config_path), *overrides,
+            f"data.train={info['train']}", f"data.verify=[{','.join(info['verify'])}]",
+            f"train.max_steps={steps}", "train.resume=none", f"train.output_dir={run_dir}",
+            f"train.verify_every={max(1, steps // 2)}", "schedule.warmup_epochs=0",
+            f"schedule.warmup_steps={steps // 10}"]
 
-    from backbones import build_backbone
-    from facerec.model_io import model_kwargs
-    from facerec.optim import build_optimizer, param_groups
-    from losses import build_head
 
-    m = config["model"]
-    backbone = build_backbone(**model_kwargs(config))
-    head = build_head(config["head"], embedding_size=m["embedding_size"], num_classes=500)
-    optimizer = build_optimizer(param_groups(backbone, head, config["optim"]), config["optim"])
-    images = torch.randn(config["train"]["batch_size"], 3, m["input_size"], m["input_size"])
-    labels = torch.randint(0, 500, (images.shape[0],))
-    times = []
-    for _ in range(10):
-        start = time.perf_counter()
-        optimizer.zero_grad()
-        head(backbone(images), labels).backward()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times[2:]))
+def read_metrics(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def seconds_per_step(config: dict, config_path: Path, overrides: list, info: dict, run_dir: Path,
+                     steps: int = 150) -> float:
+    """Seconds per step of the real training loop (loader workers and augmentation included): ``run.py
+    train`` for ``steps`` steps without verification, timed over its last third (after the warm-up).
+    Long runs settle somewhat faster still (2,100 steps of configs/cfp.yaml took 12.4-13.7 min where this
+    predicted 14.5), so a budget is used to about 85%."""
+    command = train_command(config_path, overrides, dict(info, verify=[]), steps, run_dir)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    done = subprocess.run([*command, f"train.log_every={steps // 3}"], cwd=ROOT, capture_output=True,
+                          text=True)
+    if done.returncode:
+        sys.exit(f"the timing run of {config_path.name} failed (exit {done.returncode}):\n"
+                 f"{done.stderr[-3000:]}")
+    images_per_sec = read_metrics(run_dir)[-1]["images_per_sec"]
+    shutil.rmtree(run_dir)
+    return config["train"]["batch_size"] / images_per_sec
 
 
 def train_arm(config_path: Path, overrides: list, info: dict, steps: int, run_dir: Path) -> dict:
     """Train ``config_path`` for ``steps`` on the prepared ``info`` in ``run_dir`` (emptied first) with
     ``run.py train``; returns ``{"minutes", "verified": [metrics records with verification]}``."""
-    command = [sys.executable, str(ROOT / "run.py"), "train", "--config", str(config_path), *overrides,
-               f"data.train={info['train']}", f"data.verify=[{','.join(info['verify'])}]",
-               f"train.max_steps={steps}", "train.resume=none", f"train.output_dir={run_dir}",
-               f"train.verify_every={max(1, steps // 2)}", "schedule.warmup_epochs=0",
-               f"schedule.warmup_steps={steps // 10}"]
     shutil.rmtree(run_dir, ignore_errors=True)
     start = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True)
+    subprocess.run(train_command(config_path, overrides, info, steps, run_dir), cwd=ROOT, check=True)
     minutes = (time.perf_counter() - start) / 60
-    results = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"minutes": minutes, "verified": [r for r in results if "verify" in r]}
+    return {"minutes": minutes, "verified": [r for r in read_metrics(run_dir) if "verify" in r]}
 
 
 def arm_report(title: str, verified: list) -> str:
@@ -253,9 +254,13 @@ def main() -> None:
         steps = args.steps
         print(f"{steps} steps per arm (--steps)")
     else:
-        step = seconds_per_step(configs[args.config])
+        # the slowest arm's pace: augmentation runs in the loader workers, beside the training threads
+        pace = args.cache.absolute() / "pace"
+        step = max(seconds_per_step(config, path, args.overrides, data[alignments[0]], pace)
+                   for path, config in configs.items())
         steps = max(10, int(args.minutes * 60 * 0.9 / step))  # start-up and verification: the rest
-        print(f"~{step:.2f} s/step -> {steps} steps per arm for a {args.minutes:g}-minute budget")
+        print(f"~{step:.3f} s/step (the trainer's own, steps 100-150) -> {steps} steps per arm for a "
+              f"{args.minutes:g}-minute budget")
     arms = []
     for alignment in alignments:
         for path, config in configs.items():
