@@ -242,9 +242,10 @@ def compare_compiled(args, setup: Setup) -> None:
         print(f"  {norm.upper() + ' ' + mode:13} {med[norm, mode] * 1000:9.1f} "
               f"{setup.batch / med[norm, mode]:10.1f} {first[norm, mode]:13.1f} {speedup:8.2f}x")
     ratio = med["sn", "eager"] / med["sn", "compiled"]
-    print(f"  SN compiled {setup.batch / med['sn', 'compiled']:.1f} images/s, {ratio:.2f}x eager SN (target "
-          f">= 1.3: {'met' if ratio >= 1.3 else 'NOT met'}); SN/BN compiled: "
-          f"{med['sn', 'compiled'] / med['bn', 'compiled']:.3f}, eager: "
+    quickstart_cpu = setup.label == "quickstart" and args.device == "cpu"  # where the 1.3x target applies
+    target = f" (target >= 1.3: {'met' if ratio >= 1.3 else 'NOT met'})" if quickstart_cpu else ""
+    print(f"  SN compiled {setup.batch / med['sn', 'compiled']:.1f} images/s, {ratio:.2f}x eager SN{target}; "
+          f"SN/BN compiled: {med['sn', 'compiled'] / med['bn', 'compiled']:.3f}, eager: "
           f"{med['sn', 'eager'] / med['bn', 'eager']:.3f}", flush=True)
 
 
