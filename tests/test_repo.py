@@ -81,3 +81,24 @@ def test_benchmarks_are_modules_that_neither_edit_sys_path_nor_import_tests():
         source = path.read_text()
         assert "sys.path" not in source, f"{path.name} edits sys.path"
         assert "tests" not in _imported_top_level(path), f"{path.name} imports from tests/"
+
+
+@pytest.mark.parametrize("tests_pass", [True, False])
+def test_ci_script_removes_its_venv(tmp_path, tests_pass):
+    """.ci/run builds a fresh venv (about 6 GB) in a temporary folder and removes it on exit, passing or
+    failing: left behind, a handful of CI runs filled the disk. A stand-in python3 makes a venv whose pip
+    and python only record their calls."""
+    fake_bin, scratch = tmp_path / "bin", tmp_path / "tmp"
+    fake_bin.mkdir()
+    scratch.mkdir()
+    calls, tool = tmp_path / "calls.txt", tmp_path / "tool"
+    tool.write_text(f'#!/bin/sh\necho "$0 $*" >> {calls}\nexit {0 if tests_pass else 3}\n')
+    tool.chmod(0o755)
+    (fake_bin / "python3").write_text(  # python3 -m venv DIR
+        f'#!/bin/sh\nmkdir -p "$3/bin" && cp {tool} "$3/bin/pip" && cp {tool} "$3/bin/python"\n')
+    (fake_bin / "python3").chmod(0o755)
+    env = {"PATH": f"{fake_bin}:/usr/bin:/bin", "TMPDIR": str(scratch), "HOME": str(tmp_path)}
+    done = subprocess.run(["bash", str(ROOT / ".ci" / "run")], env=env, capture_output=True, text=True)
+    assert done.returncode == (0 if tests_pass else 3), done.stderr
+    assert "-m pytest -q" in calls.read_text() or not tests_pass
+    assert list(scratch.iterdir()) == []
