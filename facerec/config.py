@@ -393,13 +393,23 @@ def _parse_override(item: str) -> dict:
         value = yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError:
         value = text
-    nested: dict = {}
-    node = nested
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
+    nested = _nested(parts, value)
     _resolve_paths(nested, Path.cwd())
     return nested
+
+
+def _nested(parts: list[str], value: Any) -> dict:
+    """``["a", "b", "c"], v`` -> ``{"a": {"b": {"c": v}}}``."""
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def apply_overrides(config: dict, overrides: dict) -> dict:
+    """``config`` with ``{"section.key[.sub]": value}`` overrides merged in (a new dict, not validated)."""
+    for key, value in overrides.items():
+        config = _merge(config, _nested(key.split("."), value))
+    return config
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -120,16 +120,9 @@ def plan_study(config: dict, output_dir, norms=None, settings=None, quick: bool 
 
 def run_config(config: dict, spec: RunSpec) -> dict:
     """``config`` with ``spec``'s overrides, validated (a new dict)."""
-    from facerec.config import validate
+    from facerec.config import apply_overrides, validate
 
-    out = copy.deepcopy(config)
-    for key, value in spec.overrides.items():
-        *parents, last = key.split(".")
-        node = out
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return validate(out)
+    return validate(apply_overrides(config, spec.overrides))
 
 
 def comparable(config: dict) -> dict:
@@ -206,9 +199,9 @@ def set_aside(run_dir: Path) -> Path | None:
 
 def train_steps(config: dict, num_images: int) -> int:
     """Optimizer steps of a one-process run of ``config`` on ``num_images`` images (as build_run counts)."""
-    tcfg = config["train"]
-    steps = tcfg["epochs"] * (num_images // tcfg["batch_size"])
-    return min(steps, tcfg["max_steps"]) if tcfg["max_steps"] is not None else steps
+    from facerec.train import total_steps
+
+    return total_steps(config["train"], num_images // config["train"]["batch_size"])
 
 
 def resume_step(run_dir: Path) -> int:

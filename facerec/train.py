@@ -274,15 +274,14 @@ def build_run(config: dict, info: DistInfo) -> RunParts:
     if steps_per_epoch == 0:
         raise ValueError(f"data.train has {len(dataset)} images, fewer than one global batch "
                          f"({tcfg['batch_size']} x {info.world_size} processes)")
-    total = tcfg["epochs"] * steps_per_epoch
-    total_steps = min(total, tcfg["max_steps"]) if tcfg["max_steps"] is not None else total
+    run_steps = total_steps(tcfg, steps_per_epoch)
     return RunParts(
         config, info, dataset, loader, verify_sets, backbone, model, head, optimizer,
-        schedule=build_schedule(optimizer, config["schedule"], total_steps, steps_per_epoch),
+        schedule=build_schedule(optimizer, config["schedule"], run_steps, steps_per_epoch),
         scaler=torch.amp.GradScaler(device.type, enabled=tcfg["precision"] == "fp16"),
         amp_dtype=AMP_DTYPES.get(tcfg["precision"]), channels_last=channels_last,
         steps_per_epoch=steps_per_epoch, global_batch=tcfg["batch_size"] * info.world_size,
-        total_steps=total_steps, compiled=compiled,
+        total_steps=run_steps, compiled=compiled,
     )
 
 
@@ -605,6 +604,13 @@ class Trainer:
                     self.verify()
                 if self.step >= parts.total_steps or stop.requested():
                     return
+
+
+def total_steps(tcfg: dict, steps_per_epoch: int) -> int:
+    """Optimizer steps of a run: ``train.epochs`` epochs of ``steps_per_epoch``, capped by
+    ``train.max_steps``."""
+    total = tcfg["epochs"] * steps_per_epoch
+    return min(total, tcfg["max_steps"]) if tcfg["max_steps"] is not None else total
 
 
 def same_model(saved: dict, current: dict) -> bool:
