@@ -36,6 +36,7 @@ from data import load_bin, pack_folder, similarity_transform, write_bin
 from data.align import ARCFACE_TEMPLATE
 from data.augment import Augment
 from data.verification_sets import cfp_alignment_points, make_bin_cfp, read_cfp_protocol
+from facerec.study_report import markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,15 +184,13 @@ def arm_report(title: str, verified: list) -> str:
 def comparison_table(arms: list) -> str:
     """A markdown table of the arms' final accuracies: ``arms`` holds ``(alignment, augmentation, minutes,
     final verification record)``; one column per verification set (% ± 10-fold std)."""
-    names = list(arms[0][3]["verify"])
-    lines = ["| alignment | augmentation | " + " | ".join(names) + " | training |",
-             "|---|---|" + "---|" * len(names) + "---|"]
-    for alignment, augmentation, minutes, record in arms:
-        cells = [f"{v['accuracy'] * 100:.1f} ± {v['accuracy_std'] * 100:.1f}"
-                 for v in record["verify"].values()]
-        lines.append(f"| {alignment} | {augmentation} | " + " | ".join(cells) +
-                     f" | {record['step']} steps, {minutes:.1f} min |")
-    return "\n".join(lines)
+    def cell(v: dict) -> str:
+        return f"{v['accuracy'] * 100:.1f} ± {v['accuracy_std'] * 100:.1f}"
+
+    rows = [[alignment, augmentation, *map(cell, record["verify"].values()),
+             f"{record['step']} steps, {minutes:.1f} min"]
+            for alignment, augmentation, minutes, record in arms]
+    return markdown_table(["alignment", "augmentation", *arms[0][3]["verify"], "training"], rows)
 
 
 def prepare_alignment(args, alignment: str, size: int) -> dict:

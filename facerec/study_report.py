@@ -60,7 +60,8 @@ def difference_cell(a: dict | None, b: dict | None, name: str) -> str:
     return f"{100 * (a['verification'][name]['accuracy'] - b['verification'][name]['accuracy']):+.2f}"
 
 
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table of ``header`` and ``rows`` (lists of cell texts)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -75,7 +76,7 @@ def accuracy_table(specs, results, name: str) -> str:
             rows.append([f"{upper.upper()}−{lower.upper()}"]
                         + [difference_cell(found.get((upper, g, b)), found.get((lower, g, b)), name)
                            for g, b, _, _ in columns])
-    return _markdown_table([""] + [label(g, b) for g, b, _, _ in columns], rows)
+    return markdown_table([""] + [label(g, b) for g, b, _, _ in columns], rows)
 
 
 def duration(seconds: float) -> str:
@@ -95,7 +96,7 @@ def time_table(specs, results) -> str:
             result = found.get((norm, g, b))
             cells.append(PENDING if result is None else duration(result["seconds"]))
         rows.append([norm.upper()] + cells)
-    return _markdown_table(["wall time"] + [label(g, b) for g, b, _, _ in columns], rows)
+    return markdown_table(["wall time"] + [label(g, b) for g, b, _, _ in columns], rows)
 
 
 def sn_summary(layers: list[dict]) -> dict:
@@ -131,7 +132,7 @@ def sn_table(entries: list[dict]) -> str:
     rows = [[e["name"]] + [f"{w:.3f}" for kind in ("mean", "var") for w in e[kind]]
             + [f"{e['largest']['mean']['BN']} / {e['largest']['var']['BN']} of {e['layers']}"]
             for e in entries]
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def csv_rows(specs, results, set_names: list[str]) -> list[dict]:
@@ -175,7 +176,7 @@ def format_markdown(config: dict, specs, results, set_names: list[str], wall_sec
         "devices (train.virtual_devices) in one process, batch G x B. SN at one image per GPU drops its "
         "BN term (using_bn: false). Entries: the final step's verification accuracy (%) ± its std over "
         "the 10 folds; — diverged, … not run yet.",
-        _markdown_table(["setting"] + [label(g, b) for g, b, _, _ in columns],
+        markdown_table(["setting"] + [label(g, b) for g, b, _, _ in columns],
                         [["batch"] + [str(batch) for _, _, batch, _ in columns],
                          ["lr"] + [f"{lr:.6g}" for _, _, _, lr in columns]]),
     ]
