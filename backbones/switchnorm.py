@@ -170,6 +170,13 @@ def _first_device(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() == 2 else t[:, 0]
 
 
+def check_device_split(layer: nn.Module, batch: int, devices: int) -> None:
+    """ValueError naming ``layer`` unless ``batch`` splits into ``devices`` equal virtual-device parts."""
+    if batch % devices:
+        raise ValueError(f"{type(layer).__name__}: a batch of {batch} does not split into "
+                         f"virtual_devices={devices} equal parts")
+
+
 def _as_is(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
@@ -452,9 +459,8 @@ class SwitchNorm2d(_SwitchNormBase):
             raise ValueError(
                 f"{type(self).__name__}: expected input (N, {self.num_features}, H, W), got {tuple(x.shape)}"
             )
-        if not tracing and x.shape[0] % opts.devices:
-            raise ValueError(f"{type(self).__name__}: a batch of {x.shape[0]} does not split into "
-                             f"virtual_devices={opts.devices} equal parts")
+        if not tracing:
+            check_device_split(self, x.shape[0], opts.devices)
         if tracing:
             y, bn = _quiet_when_jit_tracing(self._forward_traceable, x, params, running, opts)
         else:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .switchnorm import SwitchNorm2d, SyncSwitchNorm2d
+from .switchnorm import SwitchNorm2d, SyncSwitchNorm2d, check_device_split
 
 
 class _SplitBatchNorm:
@@ -27,9 +27,7 @@ class _SplitBatchNorm:
         if not (self.training and devices > 1):
             return super().forward(x)
         n, c = x.shape[:2]
-        if n % devices:
-            raise ValueError(f"{type(self).__name__}: a batch of {n} does not split into "
-                             f"virtual_devices={devices} equal parts")
+        check_device_split(self, n, devices)
         # (N, C, ...) -> (N/V, V*C, ...): channel v*C + c holds channel c of device v's samples
         grouped = x.reshape(n // devices, devices * c, *x.shape[2:])
         running = self.track_running_stats and self.running_mean is not None
