@@ -89,6 +89,7 @@ def prepare(cfp_dir: Path, cache: Path, size: int, test_fold: int, detections: d
         print(f"warning: {len(shared)} fold-{test_fold} identities also appear in other folds; they are "
               f"left out of training")
     train_dir = cache / "train"
+    check_cached_size(train_dir, size)
     if not (train_dir / "property").exists():
         faces = cache / "faces"
         rows = []
@@ -116,6 +117,18 @@ def prepare(cfp_dir: Path, cache: Path, size: int, test_fold: int, detections: d
             balance_folds(path)
     info.update(train=str(train_dir), verify=[str(bins / "cfp_ff.bin"), str(bins / "cfp_fp.bin")])
     return info
+
+
+def check_cached_size(train_dir: Path, size: int) -> None:
+    """ValueError unless the faces already packed in ``train_dir`` (if any) are ``size`` pixels square: a
+    cache is reused as it is, so faces packed at another size would be silently resized on load."""
+    prop = train_dir / "property"
+    if not prop.exists():
+        return
+    packed = prop.read_text().strip().split(",")[1:]
+    if packed != [str(size)] * 2:
+        raise ValueError(f"{train_dir}: the cached faces are packed at {'x'.join(packed)} px ({prop}) but "
+                         f"this run trains at {size}x{size}; pass another --cache for this input size")
 
 
 def balance_folds(path: Path, folds: int = 10) -> None:
@@ -159,6 +172,12 @@ def seconds_per_step(config: dict, config_path: Path, overrides: list, info: dic
     images_per_sec = read_metrics(run_dir)[-1]["images_per_sec"]
     shutil.rmtree(run_dir)
     return config["train"]["batch_size"] / images_per_sec
+
+
+def arm_run_dir(cache: Path, config_path: Path) -> Path:
+    """The run folder of one config's arm: one per config, so runs of two configs side by side (in one
+    cache) never share a folder (the second would stop on the first's lock)."""
+    return cache / f"run_{config_path.stem}"
 
 
 def train_arm(config_path: Path, overrides: list, info: dict, steps: int, run_dir: Path) -> dict:
@@ -264,7 +283,7 @@ def main() -> None:
     for alignment in alignments:
         for path, config in configs.items():
             info = data[alignment]
-            run_dir = info["cache"] / ("run" if not args.compare else f"run_{path.stem}")
+            run_dir = arm_run_dir(info["cache"], path)
             print(f"\n{alignment} alignment, {path.name}: run dir {run_dir}", flush=True)
             result = train_arm(path, args.overrides, info, steps, run_dir)
             augmentation = "on" if Augment(**config["data"]["augment"]) else "off"

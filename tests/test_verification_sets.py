@@ -270,3 +270,23 @@ def test_make_bin_through_run_py_cli(lfw, tmp_path, capsys):
     assert main(argv) == 0
     assert main(argv) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_real_cfp_arms_of_two_configs_never_share_a_run_folder(tmp_path):
+    """Two configs trained side by side from one cache (single arms, not only --compare) get two folders."""
+    from benchmarks.real_cfp import arm_run_dir
+
+    assert arm_run_dir(tmp_path, Path("configs/cfp.yaml")) != arm_run_dir(tmp_path, Path("configs/x.yaml"))
+
+
+def test_real_cfp_cache_of_another_size_is_refused(tmp_path):
+    """benchmarks.real_cfp reuses a prepared cache as it is: faces packed at another size are an error that
+    names the cache, never silently resized (a 64 px cache asked for 112 px would train on blurred faces)."""
+    from benchmarks.real_cfp import check_cached_size
+
+    check_cached_size(tmp_path / "train", 64)  # nothing cached yet
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "property").write_text("450,64,64\n")
+    check_cached_size(tmp_path / "train", 64)
+    with pytest.raises(ValueError, match=r"train: the cached faces are packed at 64x64 px .* at 112x112"):
+        check_cached_size(tmp_path / "train", 112)
