@@ -1,7 +1,9 @@
 """Benchmark SwitchNorm2d against nn.BatchNorm2d and a straightforward autograd SN (forward + backward).
 
-Prints, per ResNet-stage shape, the median forward+backward time of each layer (runs interleaved
-side by side), the ratios SN/BN (target <= 1.3) and naive/SN (target >= 4), and the bytes each layer
+Prints, per ResNet-stage shape, the median forward+backward time of each layer (samples interleaved
+side by side, each sample as many consecutive steps as fill about 50 ms of the fastest layer, so that
+the few-millisecond steps of small maps are not measured by timer and scheduler jitter), the ratios
+SN/BN (target <= 1.3) and naive/SN (target >= 4), and the bytes each layer
 saves for backward (saved_tensors_hooks, distinct storages; target SN/BN <= 1.5). On CUDA it also
 prints the peak allocated memory of one forward+backward above the inputs. With ``--virtual-devices V``
 (default 8; 1: off) it also times SN and BN taking their batch statistics per virtual device (the
@@ -12,6 +14,7 @@ prints the peak allocated memory of one forward+backward above the inputs. With 
 """
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -100,7 +103,13 @@ def peak_cuda_bytes(layer, x, grad):
     return torch.cuda.max_memory_allocated(x.device) - base
 
 
-def bench_shape(shape, device, iters, warmup, virtual_devices=1):
+def steps_per_sample(step_seconds: float, min_sample: float) -> int:
+    """Consecutive steps per timed sample so that a sample lasts about ``min_sample`` seconds: single
+    steps of a few milliseconds are dominated by timer and scheduler jitter."""
+    return max(1, math.ceil(min_sample / max(step_seconds, 1e-9)))
+
+
+def bench_shape(shape, device, iters, warmup, virtual_devices=1, min_sample=0.05):
     torch.manual_seed(0)
     x = torch.randn(*shape, device=device).mul_(2).add_(0.5).requires_grad_()
     grad = torch.randn(*shape, device=device)
@@ -116,16 +125,21 @@ def bench_shape(shape, device, iters, warmup, virtual_devices=1):
         diff = (layers["SN"](x) - layers["naive"](x)).abs().max().item()
     times = {name: [] for name in layers}
     order = list(layers)
+    repeats = 1
     for i in range(warmup + iters):
         k = i % len(order)
         for name in order[k:] + order[:k]:  # rotate to spread machine noise evenly
             sync(device)
             start = time.perf_counter()
-            step(layers[name], x, grad)
+            for _ in range(repeats):
+                step(layers[name], x, grad)
             sync(device)
-            if i >= warmup:
-                times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / repeats)
+        if i == warmup - 1:
+            repeats = steps_per_sample(min(t[-1] for t in times.values()), min_sample)
+            times = {name: [] for name in layers}
     row = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    row["repeats"] = repeats
     row["saved"] = {name: saved_bytes(layer, x, grad) for name, layer in layers.items()}
     if device.type == "cuda":
         row["peak"] = {name: peak_cuda_bytes(layer, x, grad) for name, layer in layers.items()}
@@ -158,14 +172,15 @@ def main(argv=None):
     iters = args.iters or (3 if args.quick else 15)
     warmup = 1 if args.quick else 3
     print(f"device={device} threads={torch.get_num_threads()} iters={iters} torch={torch.__version__}")
-    print("forward+backward, train mode, float32; median ms of interleaved runs; "
-          "saved = bytes saved for backward")
+    print("forward+backward, train mode, float32; median ms per step of interleaved samples (steps per "
+          "sample in the last column); saved = bytes saved for backward")
     head = (f"{'shape (N,C,H,W)':<20}{'BN ms':>9}{'SN ms':>9}{'naive ms':>10}{'SN/BN':>8}{'naive/SN':>10}"
             f"{'saved BN MB':>13}{'SN MB':>8}{'naive MB':>10}{'SN/BN':>7}{'max|SN-naive|':>15}")
     if device.type == "cuda":
         head += f"{'peak BN MB':>12}{'SN MB':>8}{'naive MB':>10}"
     if devices > 1:
         head += f"{f'SN V={devices} ms':>14}{'/SN':>6}{f'BN V={devices} ms':>14}{'/BN':>6}"
+    head += f"{'steps':>7}"
     print(head)
     worst = {"sn_bn": 0.0, "naive_sn": float("inf"), "mem": 0.0}
     for shape in shapes:
@@ -184,6 +199,7 @@ def main(argv=None):
         if devices > 1:
             line += (f"{r['SN_V']:>14.2f}{r['SN_V'] / r['SN']:>6.2f}"
                      f"{r['BN_V']:>14.2f}{r['BN_V'] / r['BN']:>6.2f}")
+        line += f"{r['repeats']:>7d}"
         print(line, flush=True)
     verdict = lambda ok: "ok" if ok else "MISSED"  # noqa: E731
     print(f"worst SN/BN time {worst['sn_bn']:.2f} (target <= 1.3: {verdict(worst['sn_bn'] <= 1.3)}); "

@@ -474,6 +474,14 @@ def test_sn2d_function_has_no_side_effects_the_layer_updates_running_stats():
     assert int(layer.num_batches_tracked) == 1
 
 
+def test_bench_norm_times_small_steps_in_multi_step_samples():
+    """A 5 ms step is timed 10 at a time (a 50 ms sample); a step longer than a sample alone."""
+    from benchmarks.bench_norm import steps_per_sample
+
+    assert steps_per_sample(0.005, 0.05) == 10
+    assert steps_per_sample(0.2, 0.05) == 1 and steps_per_sample(0.0, 0.05) >= 1
+
+
 def test_bench_norm_quick_runs():
     out = subprocess.run(
         [
