@@ -28,7 +28,8 @@ Speed: SwitchNorm2d runs as one custom autograd function, which gets tensors and
 the layer) and changes no state: the layer folds the BN term it returns into the running statistics.
 Forward: per-(n, c) moments in one pass, the IN/LN/BN mixture on tiny (N, C) tensors, then one fused
 ``y = x * a + b`` with per-(n, c) ``a, b``. The one-pass kernels are BN's own, reused with unit
-statistics (``_slice_sums``, ``_slice_affine``).
+statistics (``_slice_sums``, ``_slice_affine``); on CPU, maps of up to 64 pixels take ``x * a + b`` as
+broadcast elementwise ops instead, which are faster there.
 Backward: one pass gives the per-(n, c) sums of ``g`` and ``g * (x - mean)``; the hand-derived
 backward of the (N, C) statistic graph (autograd only for a BN term synchronised across processes,
 whose all-reduce has its own backward) turns them into the parameter gradients and the per-(n, c)
@@ -44,6 +45,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
+
+# Largest H * W at which, on CPU, broadcast elementwise ops compute ``x * a + b`` faster than the per-slice
+# BN kernels (bench: 0.18 vs 0.32 ms at (64, 512, 7, 7); 0.49 vs 0.42 ms at (64, 256, 14, 14)).
+_SMALL_MAP = 64
 
 # Logit given to the non-chosen terms by hard_select: exp(-1e4) is exactly 0 in float32 and float64,
 # so the softmax is an exact one-hot, and the value stays finite under weight decay.
@@ -99,6 +104,19 @@ def _slice_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, uni
     zeros and ones. This is eval-mode BN's kernel with running mean 0, running variance 1 and eps 0."""
     zeros, ones = unit
     return torch.native_batch_norm(x, scale, shift, zeros, ones, False, 0.0, 0.0)[0]
+
+
+def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, unit) -> torch.Tensor:
+    """``x * scale + shift`` for a (N, C, H, W) ``x`` and (N, C) ``scale, shift``, a new tensor: BN's
+    per-slice kernel (``_slice_affine``) for contiguous ``x``, except small maps on CPU, where broadcast
+    elementwise ops are faster; ``unit``: N * C zeros and ones."""
+    scale4, shift4 = scale[..., None, None], shift[..., None, None]
+    if not x.is_contiguous():
+        return torch.addcmul(shift4, x, scale4)
+    if x.device.type == "cpu" and x[0, 0].numel() <= _SMALL_MAP:
+        return (x * scale4).add_(shift4)
+    n, c = x.shape[:2]
+    return _slice_affine(x.view(1, n * c, -1), scale.reshape(-1), shift.reshape(-1), unit).view_as(x)
 
 
 def _instance_moments(x: torch.Tensor, ones: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -286,10 +304,7 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
             params = [p.to(xc.dtype) for p in params]  # no graph is recorded in a Function's forward
             a, b, bn, saved = _scale_shift(mean, var, params, (running_mean, running_var), opts,
                                            spatial=x[0, 0].numel(), bn_graph=needs_grad)
-            if xc.is_contiguous():
-                y = _slice_affine(xc.view(1, n * c, -1), a.view(-1), b.view(-1), unit).view_as(x)
-            else:
-                y = torch.addcmul(b[..., None, None], xc, a[..., None, None])
+            y = _affine(xc, a, b, unit)
         if needs_grad:
             tensors, ctx.info = saved
             ctx.save_for_backward(x, mean, a, *tensors)
@@ -323,10 +338,7 @@ class _SwitchNorm2dFunction(torch.autograd.Function):
             c1 = torch.addcmul(d_mean / spatial, c2, mean, value=-1)
             dx_out = None
             if ctx.needs_input_grad[0]:  # dx = x * c2 + c1 + g * a
-                if fused:
-                    dx = _slice_affine(xv, c2.view(-1), c1.view(-1), ctx.unit).view_as(xc)
-                else:
-                    dx = torch.addcmul(c1[..., None, None], xc, c2[..., None, None])
+                dx = _affine(xc, c2, c1, ctx.unit)
                 dx.addcmul_(g, a[..., None, None])
                 dx_out = dx.to(x.dtype)
         param_grads = [

@@ -117,7 +117,8 @@ def check_against_reference(layer, x, ref, running=None, atol=1e-5, using_bn=Tru
 # ---------------------------------------------------------------- SwitchNorm2d
 @pytest.mark.parametrize("using_bn", [True, False])
 @pytest.mark.parametrize(
-    "shape", [(4, 6, 5, 3), (3, 5, 1, 1), (1, 4, 3, 4)], ids=["4x6x5x3", "1x1-maps", "batch1"]
+    "shape", [(4, 6, 5, 3), (3, 5, 1, 1), (1, 4, 3, 4), (2, 3, 9, 9)],
+    ids=["4x6x5x3", "1x1-maps", "batch1", "81-pixel-maps"]
 )
 def test_sn2d_train_matches_reference(shape, using_bn):
     layer = randomise(SwitchNorm2d(shape[1], using_bn=using_bn)).train()
