@@ -143,7 +143,13 @@ def test_an_interrupted_synthetic_generation_is_regenerated(config_path, tmp_pat
     wait_for(lambda: "generating synthetic" in Path(f"{run_dir}.log").read_text(), proc, run_dir)
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    proc.wait()
+    try:  # a lost SIGINT must fail this test, not hang the suite on a 100,000-step run
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("SIGINT during the synthetic generation did not stop the run within 120 s:\n"
+                    + Path(f"{run_dir}.log").read_text()[-2000:])
     summary, out = run(config_path, f"train.output_dir={run_dir}", "train.max_steps=1", f"data.train={data}",
                        *synth)
     assert summary["steps"] == 1 and "generating synthetic" in out
