@@ -471,11 +471,10 @@ class SwitchNorm2d(_SwitchNormBase):
             raise ValueError(
                 f"{type(self).__name__}: expected input (N, {self.num_features}, H, W), got {tuple(x.shape)}"
             )
-        if not tracing:
-            check_device_split(self, x.shape[0], opts.devices)
         if tracing:
             y, bn = _quiet_when_jit_tracing(self._forward_traceable, x, params, running, opts)
         else:
+            check_device_split(self, x.shape[0], opts.devices)
             y, *bn = _SwitchNorm2dFunction.apply(x, opts, *running, *params)
         if self.training and self.using_bn:
             self._update_running_stats(*bn)
