@@ -51,6 +51,7 @@ from benchmarks.bench_heads import (
 )
 from benchmarks.live_memory import LiveTensorBytes
 from data.workers import exit_with
+from eval.report import new_figure, save_figure
 from losses.partial_fc import shard_range
 
 MIB, GIB = 2**20, 2**30
@@ -186,8 +187,7 @@ def bench_pfc(args) -> dict:
 
 
 def plot_pfc(result: dict, out: Path) -> Path:
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (left, right) = new_figure(1, 2, figsize=(11, 4.2))
     series = {}
     for (classes, rate, world), m in sorted(result["measured"].items()):
         series.setdefault((rate, world), []).append((classes, m["step_s"] * 1e3))
@@ -205,7 +205,7 @@ def plot_pfc(result: dict, out: Path) -> Path:
     right.set(xscale="log", yscale="log", xlabel="classes", ylabel="GiB per process (derived)",
               title="state + step peak")
     right.legend(fontsize=7)
-    return _save(fig, out / "scale_pfc.png")
+    return save_figure(fig, out / "scale_pfc.png", dpi=110)
 
 
 # ----------------------------------------------------------------------------------- data parallel
@@ -272,8 +272,7 @@ def bench_ddp(args) -> dict:
 
 
 def plot_ddp(result: dict, out: Path) -> Path:
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = new_figure(1, 2, figsize=(10, 4))
     results, buckets = result["results"], result["buckets"]
     worlds = list(results)
     for bucket in buckets:
@@ -286,7 +285,7 @@ def plot_ddp(result: dict, out: Path) -> Path:
     right.set(xlabel="gloo processes", ylabel="% of the step", title="all-reduce share", xticks=worlds)
     left.legend(fontsize=8)
     right.legend(fontsize=8)
-    return _save(fig, out / "scale_ddp.png")
+    return save_figure(fig, out / "scale_ddp.png", dpi=110)
 
 
 # ----------------------------------------------------------------------------------- loader
@@ -315,15 +314,14 @@ def bench_loader(args) -> dict:
 
 
 def plot_loader(result: dict, out: Path) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig, ax = new_figure(figsize=(5, 4))
     workers = list(result["rates"])
     ax.bar([str(w) for w in workers], [result["rates"][w] for w in workers])
     ax.axhline(result["decode_limit"], color="k", linestyle="--", linewidth=0.8,
                label="bare decode, 1 process")
     ax.set(xlabel="loader workers", ylabel="images/s", title="build_loader throughput")
     ax.legend(fontsize=8)
-    return _save(fig, out / "scale_loader.png")
+    return save_figure(fig, out / "scale_loader.png", dpi=110)
 
 
 # ----------------------------------------------------------------------------------- activation
@@ -350,8 +348,7 @@ def bench_activation(args) -> dict:
 
 
 def plot_activation(result: dict, out: Path) -> Path:
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = new_figure(1, 2, figsize=(10, 4))
     models = list(dict.fromkeys(model for model, _ in result["rows"]))
     for offset, checkpointed in ((-0.2, False), (0.2, True)):
         xs = [i + offset for i in range(len(models))]
@@ -363,27 +360,10 @@ def plot_activation(result: dict, out: Path) -> Path:
         ax.legend(fontsize=8)
     left.set_title("peak training memory")
     right.set_title("step time")
-    return _save(fig, out / "scale_activation.png")
+    return save_figure(fig, out / "scale_activation.png", dpi=110)
 
 
-# ----------------------------------------------------------------------------------- plots, main
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    fig.clf()
-    return path
-
-
+# ----------------------------------------------------------------------------------- main
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

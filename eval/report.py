@@ -63,16 +63,29 @@ def write_json(path, data: dict) -> None:
     path.write_text(json.dumps(_plain(data), indent=2) + "\n")
 
 
-def write_roc_png(path, curves: dict[str, tuple[np.ndarray, np.ndarray]], far_range=(1e-4, 1.0)) -> None:
-    """ROC curves ``{label: (fpr, tpr)}`` on a log false-accept axis over ``far_range``, saved as PNG."""
-    import matplotlib
+def new_figure(nrows: int = 1, ncols: int = 1, **subplots):
+    """A matplotlib ``(figure, axes)`` kept off pyplot: no backend is selected and no figure registry
+    grows, so plotting here changes nothing process-wide. ``figsize`` goes to the figure, the rest of
+    ``subplots`` to ``Figure.subplots``."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    figure = Figure(figsize=subplots.pop("figsize", None))
+    return figure, figure.subplots(nrows, ncols, **subplots)
 
+
+def save_figure(figure, path, dpi: int = 120, rect=(0, 0, 1, 1)) -> Path:
+    """Lay out ``figure`` within ``rect`` and save it to ``path`` (folders made, the format from its
+    suffix); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(6, 5))
+    figure.tight_layout(rect=rect)
+    figure.savefig(path, dpi=dpi)
+    return path
+
+
+def write_roc_png(path, curves: dict[str, tuple[np.ndarray, np.ndarray]], far_range=(1e-4, 1.0)) -> None:
+    """ROC curves ``{label: (fpr, tpr)}`` on a log false-accept axis over ``far_range``, saved as PNG."""
+    fig, ax = new_figure(figsize=(6, 5))
     for label, (fpr, tpr) in curves.items():
         fpr = np.asarray(fpr)
         keep = fpr > 0  # log axis
@@ -84,9 +97,7 @@ def write_roc_png(path, curves: dict[str, tuple[np.ndarray, np.ndarray]], far_ra
     ax.set_ylabel("true accept rate")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_pair_scores_csv(path, rows: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
@@ -129,15 +140,8 @@ def write_sn_png(path, layers: list[dict], title: str = "", xlabel: str = "SN la
                  tick_names: bool = False) -> None:
     """Stacked bars of the IN/LN/BN weights per SN layer, for the mean (top) and the variance (bottom);
     ``tick_names``: label each bar with its entry's ``name`` (e.g. one summary entry per setting)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     x = np.arange(len(layers))
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.18 * len(layers) + 2), 6), sharex=True)
+    fig, axes = new_figure(2, 1, figsize=(max(6.0, 0.18 * len(layers) + 2), 6), sharex=True)
     for ax, kind in zip(axes, ("mean", "var")):
         bottom = np.zeros(len(layers))
         for term in SN_TERMS:
@@ -151,6 +155,4 @@ def write_sn_png(path, layers: list[dict], title: str = "", xlabel: str = "SN la
     axes[1].set_xlabel(xlabel)
     if tick_names:
         axes[1].set_xticks(x, [layer["name"] for layer in layers])
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, rect=(0, 0, 0.9, 1))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.report import SN_TERMS, write_sn_png
+from eval.report import SN_TERMS, new_figure, save_figure, write_sn_png
 
 ROW_ORDER = ("bn", "syncbn", "gn", "ln", "in", "sn", "syncsn")  # the paper's rows: BN, GN, SN
 DIVERGED, PENDING = "—", "…"
@@ -206,17 +206,14 @@ def sn_figure_name(norm: str) -> str:
 def write_accuracy_png(path, specs, results, set_names: list[str]) -> None:
     """Accuracy against images per GPU: one panel per verification set, one colour per norm, one line
     style per number of GPUs (8: solid, 1: dashed); diverged runs as x on the axis."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    from matplotlib import rcParams
 
     found = _by_key(specs, results)
     norms = norm_rows(specs)
     gpus_counts = sorted({s.gpus for s in specs}, reverse=True)
     styles = dict(zip(gpus_counts, ("-", "--", ":", "-.")))
-    colors = dict(zip(norms, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    fig, axes = plt.subplots(1, max(len(set_names), 1), figsize=(5.5 * max(len(set_names), 1), 4.2),
+    colors = dict(zip(norms, rcParams["axes.prop_cycle"].by_key()["color"]))
+    fig, axes = new_figure(1, max(len(set_names), 1), figsize=(5.5 * max(len(set_names), 1), 4.2),
                              squeeze=False)
     for ax, name in zip(axes[0], set_names):
         for norm in norms:
@@ -243,9 +240,7 @@ def write_accuracy_png(path, specs, results, set_names: list[str]) -> None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(output_dir, config: dict, specs, results, wall_seconds: float, source: str = "") -> list:
