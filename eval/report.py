@@ -41,6 +41,13 @@ def format_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def duration(seconds: float) -> str:
+    """``1h02m03s``, ``3m12s`` or ``5s``."""
+    minutes, sec = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
+
+
 def _plain(value):
     """JSON-ready copy: numpy scalars/arrays to Python, dict keys to strings (1e-3 -> "0.001")."""
     if isinstance(value, dict):

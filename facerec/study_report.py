@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.report import SN_TERMS, new_figure, save_figure, write_sn_png
+from eval.report import SN_TERMS, duration, new_figure, save_figure, write_sn_png
 
 ROW_ORDER = ("bn", "syncbn", "gn", "ln", "in", "sn", "syncsn")  # the paper's rows: BN, GN, SN
 DIVERGED, PENDING = "—", "…"
@@ -77,13 +77,6 @@ def accuracy_table(specs, results, name: str) -> str:
                         + [difference_cell(found.get((upper, g, b)), found.get((lower, g, b)), name)
                            for g, b, _, _ in columns])
     return markdown_table([""] + [label(g, b) for g, b, _, _ in columns], rows)
-
-
-def duration(seconds: float) -> str:
-    """``1h02m``, ``3m12s`` or ``5s``."""
-    minutes, sec = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{sec:02d}s" if minutes else f"{sec}s"
 
 
 def time_table(specs, results) -> str:

@@ -42,6 +42,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from eval.report import duration
 from facerec import checkpoint as ckpt
 from facerec.config import TRAINING_SWITCHES, save_config, upgrade_model_section
 from facerec.distributed import (
@@ -558,7 +559,7 @@ class Trainer:
         if self.info.is_main and not stop.received:
             final = ", ".join(self._describe(k, v["accuracy"]) for k, v in self.last_verification.items())
             best = (f"; best {self.best['accuracy']:.4f} at step {self.best['step']}" if self.best else "")
-            print(f"done: {self.step} steps ({self.step - start_step} this run) in {_duration(seconds)}; "
+            print(f"done: {self.step} steps ({self.step - start_step} this run) in {duration(seconds)}; "
                   f"verification: {final or 'none configured'}{best}; run dir: {self.run_dir}", flush=True)
         return summary
 
@@ -630,12 +631,6 @@ def _allreduce_sum_hook(process_group, bucket):
     group = process_group if process_group is not None else torch.distributed.group.WORLD
     work = torch.distributed.all_reduce(bucket.buffer(), group=group, async_op=True)
     return work.get_future().then(lambda fut: fut.value()[0])
-
-
-def _duration(seconds: float) -> str:
-    minutes, sec = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
 
 
 __all__ = ["RunParts", "Trainer", "TrainingDiverged", "build_dataset", "build_run", "prepare_train_data",
