@@ -70,13 +70,12 @@ def write_json(path, data: dict) -> None:
     path.write_text(json.dumps(_plain(data), indent=2) + "\n")
 
 
-def new_figure(nrows: int = 1, ncols: int = 1, **subplots):
+def new_figure(nrows: int = 1, ncols: int = 1, figsize=None, **subplots):
     """A matplotlib ``(figure, axes)`` kept off pyplot: no backend is selected and no figure registry
-    grows, so plotting here changes nothing process-wide. ``figsize`` goes to the figure, the rest of
-    ``subplots`` to ``Figure.subplots``."""
+    grows, so plotting here changes nothing process-wide. ``subplots`` go to ``Figure.subplots``."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=subplots.pop("figsize", None))
+    figure = Figure(figsize=figsize)
     return figure, figure.subplots(nrows, ncols, **subplots)
 
 

@@ -207,7 +207,7 @@ def write_accuracy_png(path, specs, results, set_names: list[str]) -> None:
     styles = dict(zip(gpus_counts, ("-", "--", ":", "-.")))
     colors = dict(zip(norms, rcParams["axes.prop_cycle"].by_key()["color"]))
     fig, axes = new_figure(1, max(len(set_names), 1), figsize=(5.5 * max(len(set_names), 1), 4.2),
-                             squeeze=False)
+                           squeeze=False)
     for ax, name in zip(axes[0], set_names):
         for norm in norms:
             for gpus in gpus_counts:
