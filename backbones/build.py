@@ -3,6 +3,7 @@ import functools
 
 from torch import nn
 
+from .checks import check_positive_int
 from .iresnet import IResNet
 from .norms import make_norm
 from .resnet import BasicBlock, Bottleneck, PreActBasicBlock, PreActBottleneck, ResNet
@@ -52,8 +53,7 @@ def build_backbone(
     if name not in _REGISTRY:
         raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")
     for key, value in (("embedding_size", embedding_size), ("input_size", input_size), ("width", width)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        check_positive_int(key, value)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if "last_gamma" in norm_kwargs:  # SwitchNorm2d's own argument: would zero the scale of *every* norm

@@ -2,6 +2,7 @@
 
 import torch.nn as nn
 
+from .checks import check_positive_int
 from .switchnorm import SwitchNorm2d, SyncSwitchNorm2d
 
 NORMS = ("sn", "syncsn", "bn", "syncbn", "gn", "in", "ln")
@@ -34,8 +35,7 @@ def make_norm(name: str, num_features: int, **kwargs) -> nn.Module:
     """
     if name not in _OPTIONS:
         raise ValueError(f"unknown norm {name!r}; valid names: {', '.join(NORMS)}")
-    if not isinstance(num_features, int) or num_features <= 0:
-        raise ValueError(f"norm {name!r}: num_features must be a positive int, got {num_features!r}")
+    check_positive_int(f"norm {name!r}: num_features", num_features)
     unknown = sorted(set(kwargs) - set(_OPTIONS[name]))
     if unknown:
         sn_only = [k for k in unknown if k in _OPTIONS["syncsn"]]

@@ -46,6 +46,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
+from .checks import check_positive_int
+
 # Largest H * W at which, on CPU, broadcast elementwise ops compute ``x * a + b`` faster than the per-slice
 # BN kernels (bench: 0.18 vs 0.32 ms at (64, 512, 7, 7); 0.49 vs 0.42 ms at (64, 256, 14, 14)).
 _SMALL_MAP = 64
@@ -370,8 +372,7 @@ class _SwitchNormBase(nn.Module):
 
     def __init__(self, num_features, terms, eps, momentum, using_moving_average, last_gamma=False):
         super().__init__()
-        if not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        check_positive_int("num_features", num_features)
         if not eps > 0:
             raise ValueError(f"eps must be > 0, got {eps!r}")
         if not 0.0 <= momentum <= 1.0:
@@ -454,8 +455,7 @@ class SwitchNorm2d(_SwitchNormBase):
                  last_gamma=False, virtual_devices=1):
         terms = ("IN", "LN", "BN") if using_bn else ("IN", "LN")
         super().__init__(num_features, terms, eps, momentum, using_moving_average, last_gamma)
-        if not isinstance(virtual_devices, int) or virtual_devices < 1:
-            raise ValueError(f"virtual_devices must be a positive int, got {virtual_devices!r}")
+        check_positive_int("virtual_devices", virtual_devices)
         self.virtual_devices = virtual_devices
 
     def _options(self) -> _SNOptions:

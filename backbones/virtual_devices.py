@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_positive_int
 from .switchnorm import SwitchNorm2d, SyncSwitchNorm2d, check_device_split
 
 
@@ -71,8 +72,7 @@ def split_batch_statistics(model: nn.Module, devices: int, embedding: bool = Tru
     (for one image per device, where a per-device BatchNorm1d has no statistics: the engine synchronises
     it over all devices instead). ``devices`` = 1 changes nothing.
     """
-    if not isinstance(devices, int) or devices < 1:
-        raise ValueError(f"virtual devices must be a positive int, got {devices!r}")
+    check_positive_int("virtual devices", devices)
     if devices == 1:
         return model
     for parent in list(model.modules()):

@@ -142,14 +142,25 @@ def balance_folds(path: Path, folds: int = 10) -> None:
     write_bin(path, [images[2 * i + k] for i in order for k in (0, 1)], issame[order])
 
 
+# config keys this script sets for every arm: a user override of one would be silently replaced
+OWNED_KEYS = ("data.train", "data.verify", "train.max_steps", "train.resume", "train.output_dir")
+
+
 def train_command(config_path: Path, overrides: list, info: dict, steps: int, run_dir: Path) -> list:
-    """``run.py train`` of ``config_path`` for ``steps`` (warm-up a tenth, verified halfway and at the end)
-    on the prepared ``info``, starting afresh in ``run_dir``."""
-    return [sys.executable, str(ROOT / "run.py"), "train", "--config", str(config_path), *overrides,
-            f"data.train={info['train']}", f"data.verify=[{','.join(info['verify'])}]",
-            f"train.max_steps={steps}", "train.resume=none", f"train.output_dir={run_dir}",
-            f"train.verify_every={max(1, steps // 2)}", "schedule.warmup_epochs=0",
-            f"schedule.warmup_steps={steps // 10}"]
+    """``run.py train`` of ``config_path`` for ``steps`` on the prepared ``info``, starting afresh in
+    ``run_dir``: by default warmed up over a tenth of the steps and verified halfway and at the end, which
+    ``overrides`` may change (every key but :data:`OWNED_KEYS`)."""
+    defaults = [f"train.verify_every={max(1, steps // 2)}", "schedule.warmup_epochs=0",
+                f"schedule.warmup_steps={steps // 10}"]
+    owned = [f"data.train={info['train']}", f"data.verify=[{','.join(info['verify'])}]",
+             f"train.max_steps={steps}", "train.resume=none", f"train.output_dir={run_dir}"]
+    return [sys.executable, str(ROOT / "run.py"), "train", "--config", str(config_path), *defaults,
+            *overrides, *owned]
+
+
+def owned_overrides(overrides: list) -> list:
+    """The ``overrides`` that set a key this script owns (:data:`OWNED_KEYS`)."""
+    return [o for o in overrides if o.split("=", 1)[0].strip() in OWNED_KEYS]
 
 
 def read_metrics(run_dir: Path) -> list:
@@ -254,6 +265,9 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.cfp / "Protocol").is_dir():
         parser.error(f"CFP release not found at {args.cfp}")
+    if owned_overrides(args.overrides):
+        parser.error(f"{', '.join(owned_overrides(args.overrides))}: set by this script for every arm "
+                     f"(use --cache, --steps or --minutes instead)")
 
     from facerec.config import load_config
 

@@ -97,3 +97,20 @@ def test_typo_option_and_bad_channels():
         make_norm("sn", 8, momentun=0.1)
     with pytest.raises(ValueError, match="num_features"):
         make_norm("bn", 0)
+
+
+def test_a_bool_is_no_size():
+    """``True`` is an int to Python, never a channel or device count: every size check says so by name."""
+    from backbones import build_backbone
+    from backbones.virtual_devices import split_batch_statistics
+
+    with pytest.raises(ValueError, match="norm 'bn': num_features must be a positive int, got True"):
+        make_norm("bn", True)
+    with pytest.raises(ValueError, match="^num_features must be a positive int, got True"):
+        SwitchNorm2d(True)
+    with pytest.raises(ValueError, match="^virtual_devices must be a positive int, got True"):
+        SwitchNorm2d(8, virtual_devices=True)
+    with pytest.raises(ValueError, match="^virtual devices must be a positive int, got True"):
+        split_batch_statistics(nn.Sequential(nn.BatchNorm2d(8)), True)
+    with pytest.raises(ValueError, match="^width must be a positive int, got 0"):
+        build_backbone("iresnet18", width=0)

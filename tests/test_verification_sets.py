@@ -16,7 +16,8 @@ from data.verification_sets import (
     read_lfw_pairs,
 )
 
-CFP = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cfp"
+ROOT = Path(__file__).resolve().parents[1]
+CFP = ROOT.parent / "shared" / "data" / "cfp"
 needs_cfp = pytest.mark.skipif(not (CFP / "Protocol").is_dir(), reason=f"real CFP release not found at {CFP}")
 
 NAMES = ["Ann_Lee", "Bo_Chen", "Cy_Diaz", "Di_Egan"]
@@ -290,3 +291,22 @@ def test_real_cfp_cache_of_another_size_is_refused(tmp_path):
     check_cached_size(tmp_path / "train", 64)
     with pytest.raises(ValueError, match=r"train: the cached faces are packed at 64x64 px .* at 112x112"):
         check_cached_size(tmp_path / "train", 112)
+
+
+def test_real_cfp_user_overrides_win_over_the_scripts_defaults(tmp_path):
+    """A ``train.verify_every=`` (or warm-up) override on benchmarks.real_cfp's command line reaches the
+    trainer; the keys the script owns (data, steps, run folder) stay its own, and overriding one is an
+    error."""
+    from benchmarks.real_cfp import owned_overrides, train_command
+    from facerec.config import load_config
+
+    info = {"train": str(tmp_path / "train"), "verify": [str(tmp_path / "ff.bin")]}
+    overrides = ["train.verify_every=50", "schedule.warmup_steps=7"]
+    command = train_command(ROOT / "configs" / "cfp_augment.yaml", overrides, info, 300, tmp_path / "run")
+    config = load_config(command[command.index("--config") + 1], command[command.index("--config") + 2:])
+    assert config["train"]["verify_every"] == 50 and config["schedule"]["warmup_steps"] == 7
+    assert config["train"]["max_steps"] == 300 and config["data"]["train"] == info["train"]
+    default = load_config(ROOT / "configs" / "cfp.yaml", train_command(Path(), [], info, 300, tmp_path)[5:])
+    assert default["train"]["verify_every"] == 150 and default["schedule"]["warmup_steps"] == 30
+    assert owned_overrides(["data.train=x", "model.width=8", "train.max_steps=5"]) == [
+        "data.train=x", "train.max_steps=5"]
