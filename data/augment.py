@@ -1,8 +1,8 @@
-"""Training-time jitter of aligned face crops: scale, shift, colour, grayscale, blur, JPEG quality.
+"""Training-time jitter of aligned face crops: scale, shift, colour, grayscale, blur, JPEG quality, erasing.
 
 Each augmentation is a mapping of parameters with a probability ``p`` (0: off); all are off unless
 configured. :class:`Augment` applies the active ones to a uint8 RGB crop in a fixed order (one warp for
-scale and shift, then colour, grayscale, blur, JPEG), drawing from the generator it is given, so a
+scale and shift, then colour, grayscale, blur, JPEG, erasing), drawing from the generator it is given, so a
 seeded generator per loader worker makes the whole stream reproducible.
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ import numpy as np
 from .images import decode_image, encode_image
 
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R BT.601, as cv2's RGB2GRAY
+_ERASE_ASPECT = 3.0  # erased rectangles: width / height log-uniform in [1/3, 3], as in Zhong et al. 2017
+_MID_GRAY = 128  # the erased pixels: 0 after the loader's (x / 255 - 0.5) / 0.5
 
 
 def zoom_and_shift(image: np.ndarray, zoom: float, dx: float, dy: float) -> np.ndarray:
@@ -51,6 +53,20 @@ def jpeg_roundtrip(image: np.ndarray, quality: int) -> np.ndarray:
     return decode_image(encode_image(image, quality=quality))
 
 
+def erase_rectangle(image: np.ndarray, area: float, aspect: float, x: float, y: float) -> np.ndarray:
+    """``image`` with a mid-gray rectangle of ``area`` (a fraction of the image) and ``aspect`` (width /
+    height; each side capped at the image's); ``x``, ``y`` in [0, 1] place it from the left / top edge to
+    the right / bottom one (random erasing, Zhong et al. 2017)."""
+    height, width = image.shape[:2]
+    pixels = area * height * width
+    box_w = min(width, max(1, round(np.sqrt(pixels * aspect))))
+    box_h = min(height, max(1, round(np.sqrt(pixels / aspect))))
+    left, top = round(x * (width - box_w)), round(y * (height - box_h))
+    erased = image.copy()
+    erased[top:top + box_h, left:left + box_w] = _MID_GRAY
+    return erased
+
+
 class Augment:
     """The active augmentations and their parameters; ``augment(image, rng)`` returns a jittered copy.
 
@@ -58,11 +74,14 @@ class Augment:
     ``scale {p, max}``: zoom by a factor in [1 - max, 1 + max]; ``shift {p, max}``: move by up to ``max``
     times the side along each axis; ``colour {p, brightness, contrast, saturation}``: multiply each by a
     factor in [1 - x, 1 + x]; ``grayscale {p}``; ``blur {p, sigma: [lo, hi]}`` in pixels;
-    ``jpeg {p, quality: [lo, hi]}``. Bad values raise ValueError naming the key, e.g. ``blur.sigma``.
+    ``jpeg {p, quality: [lo, hi]}``; ``erase {p, area: [lo, hi]}``: one mid-gray rectangle covering a
+    fraction of the crop drawn from [lo, hi], of random aspect and place. Bad values raise ValueError
+    naming the key, e.g. ``blur.sigma``.
     """
 
-    def __init__(self, scale=None, shift=None, colour=None, grayscale=None, blur=None, jpeg=None):
-        given = dict(scale=scale, shift=shift, colour=colour, grayscale=grayscale, blur=blur, jpeg=jpeg)
+    def __init__(self, scale=None, shift=None, colour=None, grayscale=None, blur=None, jpeg=None, erase=None):
+        given = dict(scale=scale, shift=shift, colour=colour, grayscale=grayscale, blur=blur, jpeg=jpeg,
+                     erase=erase)
         for name, params in given.items():
             if params:
                 _check(name, params)
@@ -90,15 +109,20 @@ class Augment:
         if fires.get("jpeg"):
             low, high = self.settings["jpeg"]["quality"]
             image = jpeg_roundtrip(image, int(rng.integers(int(low), int(high), endpoint=True)))
+        if fires.get("erase"):
+            area = rng.uniform(*self.settings["erase"]["area"])
+            aspect = _ERASE_ASPECT ** rng.uniform(-1, 1)
+            image = erase_rectangle(image, area, aspect, *rng.random(2))
         return image
 
 
 _KEYS = {"scale": ("p", "max"), "shift": ("p", "max"), "grayscale": ("p",), "blur": ("p", "sigma"),
-         "colour": ("p", "brightness", "contrast", "saturation"), "jpeg": ("p", "quality")}
+         "colour": ("p", "brightness", "contrast", "saturation"), "jpeg": ("p", "quality"),
+         "erase": ("p", "area")}
 _BOUNDS = {"p": (0, 1), "scale.max": (0, 0.9), "shift.max": (0, 0.5), "colour.brightness": (0, 1),
            "colour.contrast": (0, 1), "colour.saturation": (0, 1), "blur.sigma": (0.1, 10),
-           "jpeg.quality": (1, 100)}
-_PAIRS = ("blur.sigma", "jpeg.quality")  # [lo, hi] ranges drawn from uniformly
+           "jpeg.quality": (1, 100), "erase.area": (0.01, 1)}
+_PAIRS = ("blur.sigma", "jpeg.quality", "erase.area")  # [lo, hi] ranges drawn from uniformly
 
 
 def _check(name: str, params: dict) -> None:

@@ -77,6 +77,7 @@ AUGMENT = {  # data.augment: jitter of training crops in the loader workers; p =
     "grayscale": Opt({}, {"p": Opt(0.0, "float")}),
     "blur": Opt({}, {"p": Opt(0.0, "float"), "sigma": Opt([0.5, 1.5], "floats")}),  # Gaussian, pixels
     "jpeg": Opt({}, {"p": Opt(0.0, "float"), "quality": Opt([30, 90], "ints")}),  # re-encoding quality
+    "erase": Opt({}, {"p": Opt(0.0, "float"), "area": Opt([0.02, 0.2], "floats")}),  # fraction of the crop
 }
 
 SCHEMA: dict[str, dict[str, Any]] = {

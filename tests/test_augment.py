@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from data.augment import Augment, adjust_colour, gaussian_blur, jpeg_roundtrip, to_grayscale, zoom_and_shift
+from data.augment import (
+    Augment,
+    adjust_colour,
+    erase_rectangle,
+    gaussian_blur,
+    jpeg_roundtrip,
+    to_grayscale,
+    zoom_and_shift,
+)
 from data.datasets import FaceFolderDataset
 from data.images import encode_image
 from data.loader import build_loader
@@ -14,7 +22,8 @@ from facerec.train import build_dataset, build_run
 
 ON = {"scale": {"p": 1.0, "max": 0.2}, "shift": {"p": 1.0, "max": 0.1},
       "colour": {"p": 1.0, "brightness": 0.3, "contrast": 0.3, "saturation": 0.3}, "grayscale": {"p": 1.0},
-      "blur": {"p": 1.0, "sigma": [0.5, 1.5]}, "jpeg": {"p": 1.0, "quality": [30, 90]}}
+      "blur": {"p": 1.0, "sigma": [0.5, 1.5]}, "jpeg": {"p": 1.0, "quality": [30, 90]},
+      "erase": {"p": 1.0, "area": [0.05, 0.3]}}
 
 
 def _square(size=32, side=8):
@@ -71,6 +80,17 @@ def test_grayscale_blur_and_jpeg():
     assert errors[0] > 2 * errors[1] > 0
 
 
+def test_erase_rectangle_covers_the_area_in_mid_gray():
+    image = np.zeros((40, 60, 3), np.uint8)
+    erased = erase_rectangle(image, 0.25, 1.5, 0.0, 1.0)  # 30 x 20 px, at the left and bottom edges
+    rows, cols = np.nonzero(erased[..., 0])
+    assert (rows.min(), rows.max(), cols.min(), cols.max()) == (20, 39, 0, 29)
+    assert set(np.unique(erased)) == {0, 128} and not image.any()  # the input is left alone
+    assert (erase_rectangle(image, 1.0, 1.5, 0.5, 0.5) == 128).all()
+    band = erase_rectangle(image, 1.0, 9.0, 0.5, 0.5)  # 147 x 16 px: the width capped at the image's
+    assert (band[12:28] == 128).all() and not band[:12].any() and not band[28:].any()
+
+
 def test_augment_draws_within_the_ranges():
     area = _area_and_centre(_square(64, 16))[0]
     augment = Augment(scale={"p": 1.0, "max": 0.2})
@@ -78,6 +98,9 @@ def test_augment_draws_within_the_ranges():
     ratios = np.array([_area_and_centre(augment(_square(64, 16), rng))[0] / area for _ in range(40)])
     assert ratios.min() < 0.8 and ratios.max() > 1.2
     assert (ratios > 0.8**2 * 0.97).all() and (ratios < 1.2**2 * 1.03).all()
+    erase = Augment(erase={"p": 1.0, "area": [0.1, 0.2]})
+    erased = np.array([(erase(_square(64, 0), rng) == 128).all(-1).mean() for _ in range(40)])
+    assert erased.min() > 0.1 * 0.9 and erased.max() < 0.2 * 1.1 and erased.max() - erased.min() > 0.05
     jpeg = Augment(jpeg={"p": 1.0, "quality": [40, 40]})
     assert np.array_equal(jpeg(_texture(), rng), jpeg_roundtrip(_texture(), 40))
 
@@ -105,6 +128,7 @@ def test_each_augmentation_fires_with_its_probability(name):
     ("data.augment.jpeg.quality=[90,30]", "data.augment.jpeg.quality must be a pair [lo, hi] with 1 <= lo"),
     ("data.augment.jpeg.quality=[0,30]", "data.augment.jpeg.quality must be a pair [lo, hi] with 1 <= lo"),
     ("data.augment.blur.sigma=1", "data.augment.blur.sigma must be a pair [lo, hi]"),
+    ("data.augment.erase.area=[0.3,1.5]", "data.augment.erase.area must be a pair [lo, hi] with 0.01 <= lo"),
     ("data.augment.scale.max=-0.1", "data.augment.scale.max must be a number in [0, 0.9], got -0.1"),
     ("data.augment.hue.p=1", "unknown key 'data.augment.hue'; allowed: scale, shift, colour"),
     ("data.augment.colour.p=often", "data.augment.colour.p must be a number, got str 'often'"),
