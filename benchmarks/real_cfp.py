@@ -239,6 +239,21 @@ def prepare_alignment(args, alignment: str, size: int) -> dict:
     return dict(info, cache=cache)
 
 
+def steps_per_config(args, configs: dict, info: dict) -> dict:
+    """``{config path: steps}`` for its arms: ``--steps`` for every config, or as many steps as the config's
+    own pace (its batch size, augmentation and model) fits in ``--minutes``."""
+    if args.steps:
+        print(f"{args.steps} steps per arm (--steps)")
+        return dict.fromkeys(configs, args.steps)
+    steps = {}
+    for path, config in configs.items():
+        step = seconds_per_step(config, path, args.overrides, info, args.cache.absolute() / "pace")
+        steps[path] = max(10, int(args.minutes * 60 * 0.9 / step))  # start-up and verification: the rest
+        print(f"{path.name}: ~{step:.3f} s/step (the trainer's own, steps 100-150) -> {steps[path]} steps "
+              f"per arm for a {args.minutes:g}-minute budget")
+    return steps
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.real_cfp", description=__doc__,
@@ -253,8 +268,9 @@ def main() -> None:
     parser.add_argument("--align", choices=("fiducials", "detect"), default="fiducials",
                         help="align faces from the release's fiducials (default) or the MTCNN detector")
     parser.add_argument("--compare", action="store_true",
-                        help="four arms one after another, each the same steps: fiducials and detector "
-                             "alignment, each with --config and with --augment-config; prints one table")
+                        help="four arms one after another, each config's steps for the budget (or "
+                             "--steps): fiducials and detector alignment, each with --config and with "
+                             "--augment-config; prints one table")
     parser.add_argument("--augment-config", type=Path, default=ROOT / "configs" / "cfp_augment.yaml",
                         help="--compare: the augmented arms' config (default configs/cfp_augment.yaml)")
     parser.add_argument("--detections", type=Path, default=DEFAULT_CACHE,
@@ -282,30 +298,21 @@ def main() -> None:
     data = {alignment: prepare_alignment(args, alignment, size) for alignment in alignments}
     if args.prepare_only:
         return
-    if args.steps:
-        steps = args.steps
-        print(f"{steps} steps per arm (--steps)")
-    else:
-        # the slowest arm's pace: augmentation runs in the loader workers, beside the training threads
-        pace = args.cache.absolute() / "pace"
-        step = max(seconds_per_step(config, path, args.overrides, data[alignments[0]], pace)
-                   for path, config in configs.items())
-        steps = max(10, int(args.minutes * 60 * 0.9 / step))  # start-up and verification: the rest
-        print(f"~{step:.3f} s/step (the trainer's own, steps 100-150) -> {steps} steps per arm for a "
-              f"{args.minutes:g}-minute budget")
+    steps = steps_per_config(args, configs, data[alignments[0]])
     arms = []
     for alignment in alignments:
         for path, config in configs.items():
             info = data[alignment]
             run_dir = arm_run_dir(info["cache"], path)
             print(f"\n{alignment} alignment, {path.name}: run dir {run_dir}", flush=True)
-            result = train_arm(path, args.overrides, info, steps, run_dir)
+            result = train_arm(path, args.overrides, info, steps[path], run_dir)
             augmentation = "on" if Augment(**config["data"]["augment"]) else "off"
             m = config["model"]
-            print("\n" + arm_report(
-                f"real CFP, fold {args.test_fold} (identities unseen in training), {alignment} alignment, "
-                f"augmentation {augmentation}, {steps} steps in {result['minutes']:.1f} min, {m['name']} "
-                f"{m['norm']} {m['input_size']}px:", result["verified"]), flush=True)
+            title = (f"real CFP, fold {args.test_fold} (identities unseen in training), {alignment} "
+                     f"alignment, augmentation {augmentation}, {steps[path]} steps of "
+                     f"{config['train']['batch_size']} in {result['minutes']:.1f} min, {m['name']} "
+                     f"{m['norm']} {m['input_size']}px:")
+            print("\n" + arm_report(title, result["verified"]), flush=True)
             arms.append((alignment, augmentation, result["minutes"], result["verified"][-1]))
     if args.compare:
         print(f"\nfold {args.test_fold}, final step, % ± 10-fold std:\n" + comparison_table(arms))

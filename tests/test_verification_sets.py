@@ -310,3 +310,19 @@ def test_real_cfp_user_overrides_win_over_the_scripts_defaults(tmp_path):
     assert default["train"]["verify_every"] == 150 and default["schedule"]["warmup_steps"] == 30
     assert owned_overrides(["data.train=x", "model.width=8", "train.max_steps=5"]) == [
         "data.train=x", "train.max_steps=5"]
+
+
+def test_real_cfp_budget_gives_each_config_its_own_steps(tmp_path, monkeypatch):
+    """``--minutes``: each config's arms get as many steps as its own pace fits (a config at half the batch
+    gets about twice the steps), not the slowest config's count for every arm; ``--steps`` is for all."""
+    import argparse
+
+    import benchmarks.real_cfp as real_cfp
+
+    monkeypatch.setattr(real_cfp, "seconds_per_step",
+                        lambda config, *rest: config["train"]["batch_size"] / 100)
+    configs = {Path("a.yaml"): {"train": {"batch_size": 64}}, Path("b.yaml"): {"train": {"batch_size": 32}}}
+    args = argparse.Namespace(steps=None, minutes=10.0, cache=tmp_path, overrides=[])
+    assert real_cfp.steps_per_config(args, configs, {}) == {Path("a.yaml"): 843, Path("b.yaml"): 1687}
+    args.steps = 300
+    assert real_cfp.steps_per_config(args, configs, {}) == dict.fromkeys(configs, 300)
