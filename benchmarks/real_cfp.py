@@ -281,9 +281,10 @@ def main() -> None:
     args = parser.parse_args()
     if not (args.cfp / "Protocol").is_dir():
         parser.error(f"CFP release not found at {args.cfp}")
-    if owned_overrides(args.overrides):
-        parser.error(f"{', '.join(owned_overrides(args.overrides))}: set by this script for every arm "
-                     f"(use --cache, --steps or --minutes instead)")
+    owned = owned_overrides(args.overrides)
+    if owned:
+        parser.error(f"{', '.join(owned)}: set by this script for every arm (use --cache, --steps or "
+                     f"--minutes instead)")
 
     from facerec.config import load_config
 

@@ -302,11 +302,15 @@ def test_real_cfp_user_overrides_win_over_the_scripts_defaults(tmp_path):
 
     info = {"train": str(tmp_path / "train"), "verify": [str(tmp_path / "ff.bin")]}
     overrides = ["train.verify_every=50", "schedule.warmup_steps=7"]
-    command = train_command(ROOT / "configs" / "cfp_augment.yaml", overrides, info, 300, tmp_path / "run")
-    config = load_config(command[command.index("--config") + 1], command[command.index("--config") + 2:])
+    def trained_config(config_path, overrides):
+        command = train_command(config_path, overrides, info, 300, tmp_path / "run")
+        start = command.index("--config")
+        return load_config(command[start + 1], command[start + 2:])
+
+    config = trained_config(ROOT / "configs" / "cfp_augment.yaml", overrides)
     assert config["train"]["verify_every"] == 50 and config["schedule"]["warmup_steps"] == 7
     assert config["train"]["max_steps"] == 300 and config["data"]["train"] == info["train"]
-    default = load_config(ROOT / "configs" / "cfp.yaml", train_command(Path(), [], info, 300, tmp_path)[5:])
+    default = trained_config(ROOT / "configs" / "cfp.yaml", [])
     assert default["train"]["verify_every"] == 150 and default["schedule"]["warmup_steps"] == 30
     assert owned_overrides(["data.train=x", "model.width=8", "train.max_steps=5"]) == [
         "data.train=x", "train.max_steps=5"]
