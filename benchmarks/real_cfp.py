@@ -143,17 +143,20 @@ def balance_folds(path: Path, folds: int = 10) -> None:
 
 
 # config keys this script sets for every arm: a user override of one would be silently replaced
-OWNED_KEYS = ("data.train", "data.verify", "train.max_steps", "train.resume", "train.output_dir")
+OWNED_KEYS = ("data.train", "data.verify", "train.max_steps", "train.epochs", "train.resume",
+              "train.output_dir")
 
 
 def train_command(config_path: Path, overrides: list, info: dict, steps: int, run_dir: Path) -> list:
     """``run.py train`` of ``config_path`` for ``steps`` on the prepared ``info``, starting afresh in
     ``run_dir``: by default warmed up over a tenth of the steps and verified halfway and at the end, which
-    ``overrides`` may change (every key but :data:`OWNED_KEYS`)."""
+    ``overrides`` may change (every key but :data:`OWNED_KEYS`). The steps decide the run's length: as an
+    epoch is at least one step, ``train.epochs=steps`` never stops it before ``train.max_steps``."""
     defaults = [f"train.verify_every={max(1, steps // 2)}", "schedule.warmup_epochs=0",
                 f"schedule.warmup_steps={steps // 10}"]
     owned = [f"data.train={info['train']}", f"data.verify=[{','.join(info['verify'])}]",
-             f"train.max_steps={steps}", "train.resume=none", f"train.output_dir={run_dir}"]
+             f"train.max_steps={steps}", f"train.epochs={steps}", "train.resume=none",
+             f"train.output_dir={run_dir}"]
     return [sys.executable, str(ROOT / "run.py"), "train", "--config", str(config_path), *defaults,
             *overrides, *owned]
 

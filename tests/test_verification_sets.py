@@ -316,6 +316,20 @@ def test_real_cfp_user_overrides_win_over_the_scripts_defaults(tmp_path):
         "data.train=x", "train.max_steps=5"]
 
 
+def test_real_cfp_steps_are_not_cut_short_by_the_configs_epochs(tmp_path):
+    """``--steps 3800`` (or a budget's steps) trains 3,800 steps, even where the config's ``train.epochs``
+    (30 epochs of 98 steps on CFP) would stop the run at 2,940."""
+    from benchmarks.real_cfp import train_command
+    from facerec.config import load_config
+    from facerec.train import total_steps
+
+    info = {"train": str(tmp_path / "train"), "verify": [str(tmp_path / "ff.bin")]}
+    command = train_command(ROOT / "configs" / "cfp.yaml", [], info, 3800, tmp_path / "run")
+    start = command.index("--config")
+    config = load_config(command[start + 1], command[start + 2:])
+    assert total_steps(config["train"], steps_per_epoch=6300 // 64) == 3800
+
+
 def test_real_cfp_budget_gives_each_config_its_own_steps(tmp_path, monkeypatch):
     """``--minutes``: each config's arms get as many steps as its own pace fits (a config at half the batch
     gets about twice the steps), not the slowest config's count for every arm; ``--steps`` is for all."""
