@@ -1,9 +1,10 @@
-"""Training-time jitter of aligned face crops: scale, shift, colour, grayscale, blur, JPEG quality, erasing.
+"""Training-time jitter of aligned face crops: scale, rotation, shift, colour, grayscale, blur, JPEG quality,
+erasing.
 
 Each augmentation is a mapping of parameters with a probability ``p`` (0: off); all are off unless
 configured. :class:`Augment` applies the active ones to a uint8 RGB crop in a fixed order (one warp for
-scale and shift, then colour, grayscale, blur, JPEG, erasing), drawing from the generator it is given, so a
-seeded generator per loader worker makes the whole stream reproducible.
+scale, rotation and shift, then colour, grayscale, blur, JPEG, erasing), drawing from the generator it is
+given, so a seeded generator per loader worker makes the whole stream reproducible.
 """
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ _ERASE_ASPECT = 3.0  # erased rectangles: width / height log-uniform in [1/3, 3]
 _MID_GRAY = 128  # the erased pixels: 0 after the loader's (x / 255 - 0.5) / 0.5
 
 
-def zoom_and_shift(image: np.ndarray, zoom: float, dx: float, dy: float) -> np.ndarray:
-    """Scale ``image`` by ``zoom`` about its centre and move it by (dx, dy) times its side; the border
-    left uncovered is black, as in an aligned crop reaching past the photo."""
+def warp_crop(image: np.ndarray, zoom: float, degrees: float, dx: float, dy: float) -> np.ndarray:
+    """Scale ``image`` by ``zoom`` and turn it by ``degrees`` (counter-clockwise as displayed) about its
+    centre, then move it by (dx, dy) times its side; the border left uncovered is black, as in an aligned
+    crop reaching past the photo."""
     height, width = image.shape[:2]
-    centre_x, centre_y = (width - 1) / 2, (height - 1) / 2
-    matrix = np.array([[zoom, 0, centre_x * (1 - zoom) + dx * width],
-                       [0, zoom, centre_y * (1 - zoom) + dy * height]], np.float32)
+    matrix = cv2.getRotationMatrix2D(((width - 1) / 2, (height - 1) / 2), degrees, zoom)
+    matrix[:, 2] += dx * width, dy * height
     return cv2.warpAffine(image, matrix, (width, height), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
@@ -71,17 +72,19 @@ class Augment:
     """The active augmentations and their parameters; ``augment(image, rng)`` returns a jittered copy.
 
     Arguments (each a mapping, or None / ``p: 0`` for off):
-    ``scale {p, max}``: zoom by a factor in [1 - max, 1 + max]; ``shift {p, max}``: move by up to ``max``
-    times the side along each axis; ``colour {p, brightness, contrast, saturation}``: multiply each by a
-    factor in [1 - x, 1 + x]; ``grayscale {p}``; ``blur {p, sigma: [lo, hi]}`` in pixels;
+    ``scale {p, max}``: zoom by a factor in [1 - max, 1 + max]; ``rotate {p, max}``: turn by up to ``max``
+    degrees either way; ``shift {p, max}``: move by up to ``max`` times the side along each axis;
+    ``colour {p, brightness, contrast, saturation}``: multiply each by a factor in [1 - x, 1 + x];
+    ``grayscale {p}``; ``blur {p, sigma: [lo, hi]}`` in pixels;
     ``jpeg {p, quality: [lo, hi]}``; ``erase {p, area: [lo, hi]}``: one mid-gray rectangle covering a
     fraction of the crop drawn from [lo, hi], of random aspect and place. Bad values raise ValueError
     naming the key, e.g. ``blur.sigma``.
     """
 
-    def __init__(self, scale=None, shift=None, colour=None, grayscale=None, blur=None, jpeg=None, erase=None):
-        given = dict(scale=scale, shift=shift, colour=colour, grayscale=grayscale, blur=blur, jpeg=jpeg,
-                     erase=erase)
+    def __init__(self, scale=None, rotate=None, shift=None, colour=None, grayscale=None, blur=None, jpeg=None,
+                 erase=None):
+        given = dict(scale=scale, rotate=rotate, shift=shift, colour=colour, grayscale=grayscale, blur=blur,
+                     jpeg=jpeg, erase=erase)
         for name, params in given.items():
             if params:
                 _check(name, params)
@@ -95,10 +98,11 @@ class Augment:
 
     def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         fires = {name: rng.random() < params["p"] for name, params in self.settings.items()}
-        if fires.get("scale") or fires.get("shift"):
+        if fires.get("scale") or fires.get("rotate") or fires.get("shift"):
             zoom = 1 + rng.uniform(-1, 1) * self.settings["scale"]["max"] if fires.get("scale") else 1.0
+            degrees = rng.uniform(-1, 1) * self.settings["rotate"]["max"] if fires.get("rotate") else 0.0
             dx, dy = rng.uniform(-1, 1, 2) * self.settings["shift"]["max"] if fires.get("shift") else (0, 0)
-            image = zoom_and_shift(image, zoom, dx, dy)
+            image = warp_crop(image, zoom, degrees, dx, dy)
         if fires.get("colour"):
             factors = [self.settings["colour"][k] for k in ("brightness", "contrast", "saturation")]
             image = adjust_colour(image, *(1 + rng.uniform(-1, 1, 3) * factors))
@@ -116,12 +120,12 @@ class Augment:
         return image
 
 
-_KEYS = {"scale": ("p", "max"), "shift": ("p", "max"), "grayscale": ("p",), "blur": ("p", "sigma"),
-         "colour": ("p", "brightness", "contrast", "saturation"), "jpeg": ("p", "quality"),
-         "erase": ("p", "area")}
-_BOUNDS = {"p": (0, 1), "scale.max": (0, 0.9), "shift.max": (0, 0.5), "colour.brightness": (0, 1),
-           "colour.contrast": (0, 1), "colour.saturation": (0, 1), "blur.sigma": (0.1, 10),
-           "jpeg.quality": (1, 100), "erase.area": (0.01, 1)}
+_KEYS = {"scale": ("p", "max"), "rotate": ("p", "max"), "shift": ("p", "max"), "grayscale": ("p",),
+         "blur": ("p", "sigma"), "colour": ("p", "brightness", "contrast", "saturation"),
+         "jpeg": ("p", "quality"), "erase": ("p", "area")}
+_BOUNDS = {"p": (0, 1), "scale.max": (0, 0.9), "rotate.max": (0, 45), "shift.max": (0, 0.5),
+           "colour.brightness": (0, 1), "colour.contrast": (0, 1), "colour.saturation": (0, 1),
+           "blur.sigma": (0.1, 10), "jpeg.quality": (1, 100), "erase.area": (0.01, 1)}
 _PAIRS = ("blur.sigma", "jpeg.quality", "erase.area")  # [lo, hi] ranges drawn from uniformly
 
 

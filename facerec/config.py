@@ -71,6 +71,7 @@ SYNTH = {  # data.synth: generate a synthetic RecordIO set at data.train when it
 
 AUGMENT = {  # data.augment: jitter of training crops in the loader workers; p = probability, 0: off
     "scale": Opt({}, {"p": Opt(0.0, "float"), "max": Opt(0.1, "float")}),  # zoom in [1 - max, 1 + max]
+    "rotate": Opt({}, {"p": Opt(0.0, "float"), "max": Opt(10.0, "float")}),  # degrees, either way
     "shift": Opt({}, {"p": Opt(0.0, "float"), "max": Opt(0.05, "float")}),  # fraction of the side, per axis
     "colour": Opt({}, {"p": Opt(0.0, "float"), "brightness": Opt(0.2, "float"),  # factors in [1 - x, 1 + x]
                        "contrast": Opt(0.2, "float"), "saturation": Opt(0.2, "float")}),

@@ -11,7 +11,7 @@ from data.augment import (
     gaussian_blur,
     jpeg_roundtrip,
     to_grayscale,
-    zoom_and_shift,
+    warp_crop,
 )
 from data.datasets import FaceFolderDataset
 from data.images import encode_image
@@ -20,7 +20,7 @@ from facerec.config import ConfigError, defaults, load_config
 from facerec.distributed import DistInfo
 from facerec.train import build_dataset, build_run
 
-ON = {"scale": {"p": 1.0, "max": 0.2}, "shift": {"p": 1.0, "max": 0.1},
+ON = {"scale": {"p": 1.0, "max": 0.2}, "rotate": {"p": 1.0, "max": 20.0}, "shift": {"p": 1.0, "max": 0.1},
       "colour": {"p": 1.0, "brightness": 0.3, "contrast": 0.3, "saturation": 0.3}, "grayscale": {"p": 1.0},
       "blur": {"p": 1.0, "sigma": [0.5, 1.5]}, "jpeg": {"p": 1.0, "quality": [30, 90]},
       "erase": {"p": 1.0, "area": [0.05, 0.3]}}
@@ -45,13 +45,31 @@ def _area_and_centre(image):
     return mask.sum(), (mask * xs).sum() / mask.sum(), (mask * ys).sum() / mask.sum()
 
 
-def test_zoom_and_shift_resize_and_move_the_crop():
+def _off_centre_square(size=64, side=8, right=16):
+    """A square ``right`` px right of the image centre (its centroid at (size - 1) / 2 + right, ...)."""
+    image = np.zeros((size, size, 3), np.uint8)
+    start = (size - side) // 2
+    image[start:start + side, start + right:start + right + side] = 255
+    return image
+
+
+def test_warp_crop_resizes_and_moves_the_crop():
     area, x, y = _area_and_centre(_square())
-    zoomed, zx, zy = _area_and_centre(zoom_and_shift(_square(), 1.5, 0.0, 0.0))
+    zoomed, zx, zy = _area_and_centre(warp_crop(_square(), 1.5, 0.0, 0.0, 0.0))
     assert zoomed == pytest.approx(area * 1.5**2, rel=0.02) and (zx, zy) == pytest.approx((x, y), abs=0.01)
-    moved, mx, my = _area_and_centre(zoom_and_shift(_square(), 1.0, 0.25, -0.125))
+    moved, mx, my = _area_and_centre(warp_crop(_square(), 1.0, 0.0, 0.25, -0.125))
     assert moved == pytest.approx(area, rel=1e-6) and (mx - x, my - y) == pytest.approx((8, -4), abs=0.01)
-    assert zoom_and_shift(_square(), 0.5, 0, 0)[0, 0].tolist() == [0, 0, 0]  # uncovered border is black
+    assert warp_crop(_square(), 0.5, 0.0, 0, 0)[0, 0].tolist() == [0, 0, 0]  # uncovered border is black
+
+
+@pytest.mark.parametrize(("degrees", "offset"), [(90.0, (0, -16)), (-90.0, (0, 16)), (180.0, (-16, 0))])
+def test_warp_crop_turns_the_crop_counter_clockwise_about_its_centre(degrees, offset):
+    """A square right of the centre goes above it at 90 degrees (image rows grow downwards)."""
+    area, x, y = _area_and_centre(_off_centre_square())
+    turned, tx, ty = _area_and_centre(warp_crop(_off_centre_square(), 1.0, degrees, 0.0, 0.0))
+    assert turned == pytest.approx(area, rel=1e-6)
+    assert (tx - 31.5, ty - 31.5) == pytest.approx(offset, abs=0.01)
+    assert (x - 31.5, y - 31.5) == pytest.approx((16, 0), abs=0.01)
 
 
 def test_colour_factors():
@@ -101,6 +119,10 @@ def test_augment_draws_within_the_ranges():
     erase = Augment(erase={"p": 1.0, "area": [0.1, 0.2]})
     erased = np.array([(erase(_square(64, 0), rng) == 128).all(-1).mean() for _ in range(40)])
     assert erased.min() > 0.1 * 0.9 and erased.max() < 0.2 * 1.1 and erased.max() - erased.min() > 0.05
+    rotate = Augment(rotate={"p": 1.0, "max": 30.0})
+    centres = [_area_and_centre(rotate(_off_centre_square(), rng))[1:] for _ in range(40)]
+    degrees = np.degrees([np.arctan2(31.5 - cy, cx - 31.5) for cx, cy in centres])  # counter-clockwise
+    assert degrees.min() < -20 and degrees.max() > 20 and np.abs(degrees).max() <= 30.5
     jpeg = Augment(jpeg={"p": 1.0, "quality": [40, 40]})
     assert np.array_equal(jpeg(_texture(), rng), jpeg_roundtrip(_texture(), 40))
 
@@ -130,7 +152,8 @@ def test_each_augmentation_fires_with_its_probability(name):
     ("data.augment.blur.sigma=1", "data.augment.blur.sigma must be a pair [lo, hi]"),
     ("data.augment.erase.area=[0.3,1.5]", "data.augment.erase.area must be a pair [lo, hi] with 0.01 <= lo"),
     ("data.augment.scale.max=-0.1", "data.augment.scale.max must be a number in [0, 0.9], got -0.1"),
-    ("data.augment.hue.p=1", "unknown key 'data.augment.hue'; allowed: scale, shift, colour"),
+    ("data.augment.rotate.max=60", "data.augment.rotate.max must be a number in [0, 45], got 60"),
+    ("data.augment.hue.p=1", "unknown key 'data.augment.hue'; allowed: scale, rotate, shift, colour"),
     ("data.augment.colour.p=often", "data.augment.colour.p must be a number, got str 'often'"),
 ])
 def test_bad_augment_values_name_the_key(override, message):
