@@ -26,10 +26,11 @@ ON = {"scale": {"p": 1.0, "max": 0.2}, "rotate": {"p": 1.0, "max": 20.0}, "shift
       "erase": {"p": 1.0, "area": [0.05, 0.3]}}
 
 
-def _square(size=32, side=8):
+def _square(size=32, side=8, right=0):
+    """A white square on black, centred, or ``right`` px right of the image centre."""
     image = np.zeros((size, size, 3), np.uint8)
     start = (size - side) // 2
-    image[start:start + side, start:start + side] = 255
+    image[start:start + side, start + right:start + right + side] = 255
     return image
 
 
@@ -45,14 +46,6 @@ def _area_and_centre(image):
     return mask.sum(), (mask * xs).sum() / mask.sum(), (mask * ys).sum() / mask.sum()
 
 
-def _off_centre_square(size=64, side=8, right=16):
-    """A square ``right`` px right of the image centre (its centroid at (size - 1) / 2 + right, ...)."""
-    image = np.zeros((size, size, 3), np.uint8)
-    start = (size - side) // 2
-    image[start:start + side, start + right:start + right + side] = 255
-    return image
-
-
 def test_warp_crop_resizes_and_moves_the_crop():
     area, x, y = _area_and_centre(_square())
     zoomed, zx, zy = _area_and_centre(warp_crop(_square(), 1.5, 0.0, 0.0, 0.0))
@@ -65,8 +58,8 @@ def test_warp_crop_resizes_and_moves_the_crop():
 @pytest.mark.parametrize(("degrees", "offset"), [(90.0, (0, -16)), (-90.0, (0, 16)), (180.0, (-16, 0))])
 def test_warp_crop_turns_the_crop_counter_clockwise_about_its_centre(degrees, offset):
     """A square right of the centre goes above it at 90 degrees (image rows grow downwards)."""
-    area, x, y = _area_and_centre(_off_centre_square())
-    turned, tx, ty = _area_and_centre(warp_crop(_off_centre_square(), 1.0, degrees, 0.0, 0.0))
+    area, x, y = _area_and_centre(_square(64, 8, right=16))
+    turned, tx, ty = _area_and_centre(warp_crop(_square(64, 8, right=16), 1.0, degrees, 0.0, 0.0))
     assert turned == pytest.approx(area, rel=1e-6)
     assert (tx - 31.5, ty - 31.5) == pytest.approx(offset, abs=0.01)
     assert (x - 31.5, y - 31.5) == pytest.approx((16, 0), abs=0.01)
@@ -120,7 +113,7 @@ def test_augment_draws_within_the_ranges():
     erased = np.array([(erase(_square(64, 0), rng) == 128).all(-1).mean() for _ in range(40)])
     assert erased.min() > 0.1 * 0.9 and erased.max() < 0.2 * 1.1 and erased.max() - erased.min() > 0.05
     rotate = Augment(rotate={"p": 1.0, "max": 30.0})
-    centres = [_area_and_centre(rotate(_off_centre_square(), rng))[1:] for _ in range(40)]
+    centres = [_area_and_centre(rotate(_square(64, 8, right=16), rng))[1:] for _ in range(40)]
     degrees = np.degrees([np.arctan2(31.5 - cy, cx - 31.5) for cx, cy in centres])  # counter-clockwise
     assert degrees.min() < -20 and degrees.max() > 20 and np.abs(degrees).max() <= 30.5
     jpeg = Augment(jpeg={"p": 1.0, "quality": [40, 40]})

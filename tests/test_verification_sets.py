@@ -293,24 +293,28 @@ def test_real_cfp_cache_of_another_size_is_refused(tmp_path):
         check_cached_size(tmp_path / "train", 112)
 
 
+def _real_cfp_trainer_config(config_name, overrides, steps, tmp_path):
+    """The config that benchmarks.real_cfp's ``run.py train`` command for ``steps`` would train."""
+    from benchmarks.real_cfp import train_command
+    from facerec.config import load_config
+
+    info = {"train": str(tmp_path / "train"), "verify": [str(tmp_path / "ff.bin")]}
+    command = train_command(ROOT / "configs" / config_name, overrides, info, steps, tmp_path / "run")
+    start = command.index("--config")
+    return load_config(command[start + 1], command[start + 2:])
+
+
 def test_real_cfp_user_overrides_win_over_the_scripts_defaults(tmp_path):
     """A ``train.verify_every=`` (or warm-up) override on benchmarks.real_cfp's command line reaches the
     trainer; the keys the script owns (data, steps, run folder) stay its own, and overriding one is an
     error."""
-    from benchmarks.real_cfp import owned_overrides, train_command
-    from facerec.config import load_config
+    from benchmarks.real_cfp import owned_overrides
 
-    info = {"train": str(tmp_path / "train"), "verify": [str(tmp_path / "ff.bin")]}
     overrides = ["train.verify_every=50", "schedule.warmup_steps=7"]
-    def trained_config(config_path, overrides):
-        command = train_command(config_path, overrides, info, 300, tmp_path / "run")
-        start = command.index("--config")
-        return load_config(command[start + 1], command[start + 2:])
-
-    config = trained_config(ROOT / "configs" / "cfp_augment.yaml", overrides)
+    config = _real_cfp_trainer_config("cfp_augment.yaml", overrides, 300, tmp_path)
     assert config["train"]["verify_every"] == 50 and config["schedule"]["warmup_steps"] == 7
-    assert config["train"]["max_steps"] == 300 and config["data"]["train"] == info["train"]
-    default = trained_config(ROOT / "configs" / "cfp.yaml", [])
+    assert config["train"]["max_steps"] == 300 and config["data"]["train"] == str(tmp_path / "train")
+    default = _real_cfp_trainer_config("cfp.yaml", [], 300, tmp_path)
     assert default["train"]["verify_every"] == 150 and default["schedule"]["warmup_steps"] == 30
     assert owned_overrides(["data.train=x", "model.width=8", "train.max_steps=5"]) == [
         "data.train=x", "train.max_steps=5"]
@@ -319,14 +323,9 @@ def test_real_cfp_user_overrides_win_over_the_scripts_defaults(tmp_path):
 def test_real_cfp_steps_are_not_cut_short_by_the_configs_epochs(tmp_path):
     """``--steps 3800`` (or a budget's steps) trains 3,800 steps, even where the config's ``train.epochs``
     (30 epochs of 98 steps on CFP) would stop the run at 2,940."""
-    from benchmarks.real_cfp import train_command
-    from facerec.config import load_config
     from facerec.train import total_steps
 
-    info = {"train": str(tmp_path / "train"), "verify": [str(tmp_path / "ff.bin")]}
-    command = train_command(ROOT / "configs" / "cfp.yaml", [], info, 3800, tmp_path / "run")
-    start = command.index("--config")
-    config = load_config(command[start + 1], command[start + 2:])
+    config = _real_cfp_trainer_config("cfp.yaml", [], 3800, tmp_path)
     assert total_steps(config["train"], steps_per_epoch=6300 // 64) == 3800
 
 
